@@ -1,0 +1,26 @@
+# `make demo` and `make test` are the whole set-up: both create .venv and install ssl3d on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ssl3d-installed
+DEMO_DIR ?= $(CURDIR)/demo_work
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: $(STAMP)
+	DEMO_DIR=$(DEMO_DIR) PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ssl3d",
+    version="0.1.0",
+    description="Self-configuring self-supervised pretraining for 3D medical images, built on nnU-Net v2",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ssl3d", "ssl3d.*"]),
+    package_data={"ssl3d": ["nnunet_ext/*.py"]},
+    install_requires=[
+        "torch>=2.1",
+        "nnunetv2>=2.5",
+        "SimpleITK>=2.2",
+        "batchgenerators>=0.25",
+        "dynamic-network-architectures>=0.3",
+        "triton; platform_system=='Linux'",
+        "scipy",
+        "numpy",
+        "tqdm",
+        "blosc2",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "ssl_make_demo_data=ssl3d.cli.make_demo_data:main",
+            "ssl_plan_and_preprocess=ssl3d.cli.plan_and_preprocess:main",
+        ]
+    },
+)

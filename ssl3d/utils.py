@@ -1,0 +1,73 @@
+"""Small shared helpers: the bad-input error, atomic writes and nnU-Net path variables."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class BadInputError(Exception):
+    """A problem with a user's input file; reported as one line naming the file, never as a traceback."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        return f"{self.path}: {self.problem}" if self.path else self.problem
+
+
+def _atomic_write(path: Path, write_fn, mode: str) -> None:
+    """Write through a temporary file in the same folder, then rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp_{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _json_default(o: Any):
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    _atomic_write(Path(path), lambda f: json.dump(obj, f, indent=2, default=_json_default, ensure_ascii=False), "w")
+
+
+def write_pickle(path: str | os.PathLike, obj: Any) -> None:
+    _atomic_write(Path(path), lambda f: pickle.dump(obj, f), "wb")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def env_dir(name: str) -> Path | None:
+    """Value of an nnU-Net path variable (nnUNet_raw, nnUNet_preprocessed, nnUNet_results) or None."""
+    value = os.environ.get(name)
+    return Path(value) if value else None
