@@ -31,6 +31,9 @@ def _atomic_write(path: Path, write_fn, mode: str) -> None:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; match what a plain open() would give
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from ssl3d.data.nifti_checks import check_nifti
 from ssl3d.utils import BadInputError, env_dir, read_json
 
 logger = logging.getLogger(__name__)
@@ -227,6 +228,14 @@ def _read_one(files: list[str], kind: str) -> sitk.Image:
             reader.SetFileNames(files)
             img = reader.Execute()
         else:
+            if files[0].lower().endswith((".nii", ".nii.gz")):
+                check_nifti(files[0])
+            # Header first: zero-size and >3D files are named precisely instead of failing inside the reader.
+            info = sitk.ImageFileReader()
+            info.SetFileName(files[0])
+            info.ReadImageInformation()
+            if any(s == 0 for s in info.GetSize()):
+                raise BadInputError(shown, f"zero-size image (size {info.GetSize()})")
             img = sitk.ReadImage(files[0])
     except RuntimeError as e:
         msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip() and "Exception" not in ln), str(e))
@@ -237,8 +246,10 @@ def _read_one(files: list[str], kind: str) -> sitk.Image:
         raise BadInputError(shown, f"zero-size image (size {size})")
     if dim == 2 or (dim == 3 and min(size) == 1):
         raise BadInputError(shown, f"2D image (size {size}); ssl3d pretrains on 3D volumes")
-    if dim > 3 or img.GetNumberOfComponentsPerPixel() > 1:
-        raise BadInputError(shown, f"{dim}D image with {img.GetNumberOfComponentsPerPixel()} component(s) per voxel "
+    if dim > 3:
+        raise BadInputError(shown, f"{dim}D image (size {size}); split it into one 3D file per channel")
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        raise BadInputError(shown, f"4D image stored as {img.GetNumberOfComponentsPerPixel()} components per voxel "
                                    f"(size {size}); split it into one 3D file per channel")
     return img
 

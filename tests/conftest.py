@@ -1,0 +1,60 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+
+def write_image(path, array, spacing=(0.8, 0.8, 4.0), direction=None, origin=(0.0, 0.0, 0.0)):
+    """Write a numpy (z, y, x) array with SimpleITK; spacing in SimpleITK (x, y, z) order."""
+    img = sitk.GetImageFromArray(array, isVector=False)
+    if array.ndim == 3:
+        img.SetSpacing(spacing)
+        img.SetOrigin(origin)
+        if direction is not None:
+            img.SetDirection(direction)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return Path(path)
+
+
+def ct_volume(seed=0, shape=(16, 40, 36)):
+    """A small CT-like volume: air, an elliptic body of soft tissue, a brighter 'organ', noise."""
+    rng = np.random.default_rng(seed)
+    z, y, x = shape
+    a = np.full(shape, -1000.0, np.float32)
+    zz, yy, xx = np.mgrid[:z, :y, :x]
+    body = ((yy - y / 2) / (0.42 * y)) ** 2 + ((xx - x / 2) / (0.4 * x)) ** 2 < 1
+    a[body] = -90.0
+    a[body & (((yy - y / 2) / (0.3 * y)) ** 2 + ((xx - x / 2) / (0.3 * x)) ** 2 < 1)] = 45.0
+    a[body & (((yy - y * 0.45) / 5) ** 2 + ((xx - x * 0.4) / 4) ** 2 < 1)] = 60.0
+    a += rng.normal(0, 12, shape).astype(np.float32)
+    return a.astype(np.int16)
+
+
+def make_raw_dataset(root, dataset_id=801, name="Test", n=3, n_channels=1, spacing=(0.8, 0.8, 4.0),
+                     shape=(16, 40, 36), labels=False):
+    folder = Path(root) / f"Dataset{dataset_id:03d}_{name}"
+    for i in range(n):
+        for c in range(n_channels):
+            write_image(folder / "imagesTr" / f"case{i:03d}_{c:04d}.nii.gz", ct_volume(i * 10 + c, shape), spacing)
+        if labels:
+            lab = (ct_volume(i, shape) > 20).astype(np.uint8)
+            write_image(folder / "labelsTr" / f"case{i:03d}.nii.gz", lab, spacing)
+    channel_names = {str(c): "CT" for c in range(n_channels)}
+    dj = {"channel_names": channel_names, "labels": {"background": 0, "tissue": 1} if labels else {"background": 0},
+          "numTraining": n, "file_ending": ".nii.gz"}
+    (folder / "dataset.json").write_text(json.dumps(dj))
+    return folder
+
+
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch):
+    """Isolated nnUNet_raw / nnUNet_preprocessed / nnUNet_results folders."""
+    paths = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for k, v in paths.items():
+        v.mkdir()
+        monkeypatch.setenv(k, str(v))
+    return paths
