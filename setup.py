@@ -24,6 +24,7 @@ setup(
         "console_scripts": [
             "ssl_make_demo_data=ssl3d.cli.make_demo_data:main",
             "ssl_plan_and_preprocess=ssl3d.cli.plan_and_preprocess:main",
+            "ssl_pretrain=ssl3d.cli.pretrain:main",
         ]
     },
 )

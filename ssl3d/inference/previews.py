@@ -1,0 +1,46 @@
+"""Reconstruction previews: input, masked input and reconstruction on three orthogonal mid slices."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def save_reconstruction_preview(image: np.ndarray, visible: np.ndarray, reconstruction: np.ndarray,
+                                path: str | os.PathLike, title: str = "") -> Path:
+    """Write a 3×3 PNG (rows: input, masked input, reconstruction; columns: axial, coronal, sagittal).
+
+    ``image``, ``visible`` (bool, voxel resolution) and ``reconstruction`` are ``(D, H, W)`` arrays of one
+    channel. The file is written under a temporary name and renamed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    masked = np.where(visible, image, np.nan)
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    d, h, w = image.shape
+    views = [lambda a: a[d // 2], lambda a: a[:, h // 2], lambda a: a[:, :, w // 2]]
+    fig, axes = plt.subplots(3, 3, figsize=(9, 9))
+    for r, (name, arr) in enumerate([("input", image), ("masked input", masked), ("reconstruction", reconstruction)]):
+        for c, (view, vname) in enumerate(zip(views, ("axial", "coronal", "sagittal"))):
+            ax = axes[r, c]
+            ax.imshow(view(arr), cmap="gray", vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(vname)
+            if c == 0:
+                ax.set_ylabel(name)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp_{path.name}")
+    fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,39 @@
+"""Reconstruction losses shared by the masked-image-modeling methods."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ssl3d.architectures.vit import patchify
+
+
+def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch z-scoring of ``(B, N, P)`` patches; returns (normalized, mean, std)."""
+    mean = target.mean(-1, keepdim=True)
+    std = (target.var(-1, keepdim=True, unbiased=False) + eps).sqrt()
+    return (target - mean) / std, mean, std
+
+
+def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """MSE between predicted and per-patch normalized target patches, averaged over masked patches only.
+
+    ``pred`` and ``target`` are ``(B, N, P)``; ``visible`` is ``(B, N)`` or any ``(B, *grid)`` bool with
+    True = visible. Each sample contributes by its own masked count (exact, not shared across the batch).
+    """
+    norm_target, _, _ = normalize_patches(target.float())
+    per_patch = (pred.float() - norm_target).pow(2).mean(-1)
+    masked = (~visible.reshape(visible.shape[0], -1)).float()
+    return (per_patch * masked).sum() / masked.sum().clamp(min=1.0)
+
+
+def masked_cell_mse(pred: torch.Tensor, image: torch.Tensor, visible_cells: torch.Tensor,
+                    cell: Sequence[int]) -> torch.Tensor:
+    """:func:`masked_patch_mse` for dense predictions ``(B, C, D, H, W)`` with cells of size ``cell``."""
+    return masked_patch_mse(patchify(pred, cell), patchify(image, cell), visible_cells)
+
+
+def denormalize_prediction(pred: torch.Tensor, image: torch.Tensor, cell: Sequence[int]) -> torch.Tensor:
+    """Map per-cell normalized predictions ``(B, N, P)`` back to image intensities using the image's cell stats."""
+    _, mean, std = normalize_patches(patchify(image, cell).float())
+    return pred.float() * std + mean

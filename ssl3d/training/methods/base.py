@@ -1,0 +1,99 @@
+"""What every SSL method provides, and the registry that maps method names to builders.
+
+A method is an ``nn.Module`` that owns its encoder, decoder and loss. The trainer draws the mask (boolean,
+True = visible, one grid per sample) with :meth:`SSLMethod.random_mask` and passes it explicitly to
+``forward(x, visible) -> loss``; nothing is kept in globals. ``reconstruct`` gives image-space predictions
+for previews, ``downstream_state_dict`` the encoder weights under the downstream network's key names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ssl3d.sparse.masks import random_cell_mask
+
+
+class SSLMethod(nn.Module):
+    """Base class: subclasses set ``self.mask_grid_shape`` (cells per axis of the training patch)."""
+
+    name: str = ""
+
+    def __init__(self, patch_size: Sequence[int], cell_size: Sequence[int]):
+        super().__init__()
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.cell_size = tuple(int(c) for c in cell_size)
+        for p, c in zip(self.patch_size, self.cell_size):
+            if p % c:
+                raise ValueError(f"patch size {self.patch_size} is not divisible by the mask cell {self.cell_size}")
+
+    def mask_grid(self, spatial_shape: Sequence[int] | None = None) -> tuple[int, int, int]:
+        shape = self.patch_size if spatial_shape is None else tuple(spatial_shape)
+        return tuple(s // c for s, c in zip(shape, self.cell_size))  # type: ignore[return-value]
+
+    def random_mask(self, batch: int, ratio: float, generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None,
+                    spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """``(B, gz, gy, gx)`` bool, True = visible, exactly round(ratio * cells) masked per sample."""
+        return random_cell_mask(batch, self.mask_grid(spatial_shape), ratio, generator, device)
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def downstream_state_dict(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"name": self.name, "patch_size": list(self.patch_size), "cell_size": list(self.cell_size)}
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    builder: Callable[..., SSLMethod]
+    description: str
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, description: str) -> Callable:
+    """Decorator for ``builder(plans: dict, configuration: dict, num_input_channels: int, **kwargs) -> SSLMethod``."""
+
+    def wrap(builder: Callable[..., SSLMethod]) -> Callable[..., SSLMethod]:
+        if name in _REGISTRY:
+            raise ValueError(f"SSL method '{name}' registered twice")
+        _REGISTRY[name] = MethodSpec(name, builder, description)
+        return builder
+
+    return wrap
+
+
+def available_methods() -> dict[str, str]:
+    _import_all()
+    return {k: v.description for k, v in sorted(_REGISTRY.items())}
+
+
+def build_method(name: str, plans: dict, configuration: dict, num_input_channels: int, **kwargs) -> SSLMethod:
+    """Instantiate a registered method for a plans configuration (``configuration`` is the plans sub-dict)."""
+    _import_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown SSL method '{name}'; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name].builder(plans, configuration, num_input_channels, **kwargs)
+
+
+def _import_all() -> None:
+    import importlib
+    import pkgutil
+
+    import ssl3d.training.methods as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name != "base":
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")

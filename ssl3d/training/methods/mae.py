@@ -1,0 +1,83 @@
+"""``mae``: masked autoencoder with a 3D ViT that sees only the visible patches (He et al.; Primus-like sizes).
+
+Patch = the plans' ``mae_patch_size`` (16³ for isotropic data, e.g. 4×16×16 for 5 mm slices), so the mask
+cell is one patch. Light transformer decoder; loss = MSE on per-patch normalized voxels of masked patches.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ssl3d.architectures.vit import (PatchEmbed3d, TransformerStack, gather_tokens, init_vit_weights, num_heads_for,
+                                     patchify, scatter_tokens, sincos_position_embedding, unpatchify)
+from ssl3d.sparse.masks import visible_token_indices
+from ssl3d.training.losses import denormalize_prediction, masked_patch_mse
+from ssl3d.training.methods.base import SSLMethod, register_method
+
+# (embed dim, depth, decoder dim, decoder depth); M follows nnssl's Primus-M MAE
+PRESETS = {"tiny": (48, 2, 32, 1), "S": (384, 12, 256, 4), "B": (768, 12, 384, 4), "M": (864, 16, 384, 4)}
+
+
+class MAE3d(SSLMethod):
+    name = "mae"
+
+    def __init__(self, in_channels: int, patch_size: Sequence[int], token_patch: Sequence[int], dim: int = 384,
+                 depth: int = 12, decoder_dim: int = 256, decoder_depth: int = 4):
+        super().__init__(patch_size, token_patch)
+        self.in_channels = in_channels
+        self.arch = {"dim": dim, "depth": depth, "decoder_dim": decoder_dim, "decoder_depth": decoder_depth}
+        self.patch_embed = PatchEmbed3d(in_channels, dim, token_patch)
+        self.encoder = TransformerStack(dim, depth, num_heads_for(dim))
+        self.decoder_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
+        self.decoder = TransformerStack(decoder_dim, decoder_depth, num_heads_for(decoder_dim, 32))
+        self.head = nn.Linear(decoder_dim, int(torch.tensor(token_patch).prod()) * in_channels)
+        self.apply(init_vit_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def encode(self, x: torch.Tensor, visible: torch.Tensor):
+        """Encoder features of the visible patches only: ``(B, M, dim)``, plus the index structure and grid."""
+        tokens, grid = self.patch_embed(x)
+        if tuple(visible.shape[1:]) != grid:
+            raise ValueError(f"mask grid {tuple(visible.shape[1:])} does not match the token grid {grid}")
+        tokens = tokens + sincos_position_embedding(grid, tokens.shape[-1], tokens.device).to(tokens.dtype)
+        vis = visible_token_indices(visible)
+        feats = self.encoder(gather_tokens(tokens, vis.index), vis.padding)
+        return feats, vis, grid
+
+    def _predict(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        feats, vis, grid = self.encode(x, visible)
+        n = grid[0] * grid[1] * grid[2]
+        dec = scatter_tokens(self.decoder_embed(feats), vis.index, vis.padding, n, self.mask_token)
+        dec = dec + sincos_position_embedding(grid, dec.shape[-1], dec.device).to(dec.dtype)
+        return self.head(self.decoder(dec))  # (B, N, P*C)
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return masked_patch_mse(self._predict(x, visible), patchify(x, self.cell_size), visible)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        pred = denormalize_prediction(self._predict(x, visible), x, self.cell_size)
+        grid = tuple(s // c for s, c in zip(x.shape[2:], self.cell_size))
+        image = unpatchify(pred, self.cell_size, grid, x.shape[1])
+        keep = visible.reshape(x.shape[0], 1, *grid)
+        for axis, c in enumerate(self.cell_size):
+            keep = keep.repeat_interleave(c, dim=axis + 2)
+        return torch.where(keep, x, image.to(x.dtype))
+
+    def downstream_state_dict(self) -> dict[str, torch.Tensor]:
+        keep = ("patch_embed.", "encoder.")
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(keep)}
+
+    def config(self) -> dict:
+        return {**super().config(), **self.arch}
+
+
+@register_method("mae", "3D ViT masked autoencoder on visible patches, light transformer decoder")
+def build_mae(plans: dict, configuration: dict, num_input_channels: int, size: str = "S", **overrides) -> MAE3d:
+    dim, depth, ddim, ddepth = PRESETS[size]
+    kw = {"dim": dim, "depth": depth, "decoder_dim": ddim, "decoder_depth": ddepth, **overrides}
+    ssl = configuration["ssl3d"]
+    return MAE3d(num_input_channels, configuration["patch_size"], ssl["mae_patch_size"], **kw)
