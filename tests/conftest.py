@@ -58,3 +58,34 @@ def nnunet_env(tmp_path, monkeypatch):
         v.mkdir()
         monkeypatch.setenv(k, str(v))
     return paths
+
+
+def blob_batch(seed, batch=2, shape=(16, 32, 32)):
+    """Smooth volumes (sums of Gaussian blobs): masked regions are predictable from their context."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    grids = torch.meshgrid(*[torch.arange(float(s)) for s in shape], indexing="ij")
+    out = []
+    for _ in range(batch):
+        v = torch.zeros(shape)
+        for _ in range(6):
+            c = torch.rand(3, generator=g) * torch.tensor([float(s) for s in shape])
+            s = 3 + 5 * torch.rand(1, generator=g)
+            v += torch.exp(-sum((gr - ci) ** 2 for gr, ci in zip(grids, c)) / (2 * s ** 2))
+        out.append(v)
+    return torch.stack(out)[:, None]
+
+
+@pytest.fixture(scope="session")
+def tiny_pool(tmp_path_factory):
+    """A preprocessed pool of 6 small CT-like cases, shared by the pretraining tests (read-only)."""
+    from ssl3d.preprocessing.pipeline import PlanOptions, plan_and_preprocess
+
+    root = tmp_path_factory.mktemp("pool")
+    for i in range(6):
+        write_image(root / "scans" / f"c{i}.nii.gz", ct_volume(i, (20, 48, 44)), spacing=(0.8, 0.8, 2.0))
+    res = plan_and_preprocess(PlanOptions(folders=[str(root / "scans")], output_root=str(root / "pre"),
+                                          num_processes=1, progress=False, patch_size=(16, 32, 32),
+                                          spacing=(2.0, 1.0, 1.0)))
+    return res

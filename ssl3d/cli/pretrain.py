@@ -81,7 +81,8 @@ def _maybe_init_distributed(device: str) -> None:
             dist.init_process_group(backend=backend)
 
 
-def _run(args: argparse.Namespace) -> int:
+def make_trainer(args: argparse.Namespace):
+    """Resolve the pool, apply CLI overrides to the plans, set up DDP if launched by torchrun, build the trainer."""
     import torch
 
     from ssl3d.training.methods import available_methods
@@ -137,6 +138,11 @@ def _run(args: argparse.Namespace) -> int:
         else:
             logger.info("continuing from %s", found)
             trainer.load_checkpoint(found)
+    return trainer
+
+
+def _run(args: argparse.Namespace) -> int:
+    trainer = make_trainer(args)
     trainer.run_training()
     logger.info("pretrained checkpoint: %s", os.path.join(trainer.output_folder, "checkpoint_final.pth"))
     return 0

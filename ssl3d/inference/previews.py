@@ -19,6 +19,11 @@ def save_reconstruction_preview(image: np.ndarray, visible: np.ndarray, reconstr
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with matplotlib.rc_context({"font.size": 9, "axes.facecolor": "black"}):
+        return _draw(image, visible, reconstruction, Path(path), title, plt)
+
+
+def _draw(image, visible, reconstruction, path: Path, title: str, plt) -> Path:
     masked = np.where(visible, image, np.nan)
     lo, hi = np.percentile(image, [0.5, 99.5])
     d, h, w = image.shape
@@ -37,7 +42,6 @@ def save_reconstruction_preview(image: np.ndarray, visible: np.ndarray, reconstr
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp_{path.name}")
     fig.savefig(tmp, format="png", dpi=80)

@@ -1,0 +1,120 @@
+"""Pretraining: learning happens, masks are exact, masked input never leaks, resume, DDP on gloo, raw-folder entry."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import blob_batch, ct_volume, write_image
+from ssl3d.training.methods import build_method
+
+BIN = Path(sys.executable).parent
+TINY = {"mae": {"size": "tiny"}}
+
+
+def tiny_method(name, patch=(16, 32, 32), cell=(4, 8, 8)):
+    cfg = {"patch_size": list(patch), "architecture": {}, "ssl3d": {"mae_patch_size": list(cell),
+                                                                    "mask_cell_size": list(cell)}}
+    return build_method(name, {}, cfg, 1, **TINY[name])
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_loss_falls(method):
+    torch.manual_seed(0)
+    m = tiny_method(method)
+    opt = torch.optim.AdamW(m.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for i in range(60):
+        loss = m(blob_batch(i % 4), m.random_mask(2, 0.75, g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert end < 0.8 * start, (start, end)
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_mask_counts_exact_per_sample(method):
+    m = tiny_method(method)
+    vis = m.random_mask(5, 0.75, torch.Generator().manual_seed(0))
+    n = vis[0].numel()
+    assert vis.shape == (5, 4, 4, 4)
+    assert (vis.flatten(1).sum(1) == n - round(0.75 * n)).all()
+    assert len({tuple(v.flatten().tolist()) for v in vis}) == 5, "each sample gets its own mask"
+
+
+def test_mae_masked_input_never_reaches_the_encoder():
+    m = tiny_method("mae").eval()
+    x = blob_batch(0)
+    vis = m.random_mask(2, 0.75, torch.Generator().manual_seed(3))
+    voxel_vis = vis[:, None].repeat_interleave(4, 2).repeat_interleave(8, 3).repeat_interleave(8, 4)
+    x2 = torch.where(voxel_vis, x, torch.randn_like(x) * 100)
+    with torch.no_grad():
+        f1, _, _ = m.encode(x, vis)
+        f2, _, _ = m.encode(x2, vis)
+    assert torch.equal(f1, f2)
+    assert not torch.equal(x, x2)
+
+
+def _pretrain(pool, method, extra, env):
+    args = [str(BIN / "ssl_pretrain"), "-d", pool.dataset_dir.name, "-m", method, "-device", "cpu",
+            "--batch-size", "2", "--iters", "3", "--val-iters", "1", "--no-progress", "--save-every", "1",
+            "--preview-every", "1", *extra]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def results_env(tiny_pool, tmp_path):
+    return dict(os.environ, nnUNet_preprocessed=str(tiny_pool.dataset_dir.parent), nnUNet_results=str(tmp_path),
+                nnUNet_raw=str(tmp_path / "raw"), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+
+
+def test_resume_continues_from_saved_epoch(tiny_pool, results_env, tmp_path):
+    kw = ["--size", "tiny"]
+    r = _pretrain(tiny_pool, "mae", ["--epochs", "2", *kw], results_env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / tiny_pool.dataset_dir.name / "MAEPretrainer__ssl3dPlans__3d_fullres" / "fold_0"
+    assert (out / "checkpoint_final.pth").is_file() and (out / "progress.png").is_file()
+    assert sorted(p.name for p in (out / "previews").glob("*.png")) == ["epoch_0000.png", "epoch_0001.png"]
+    first = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert first["current_epoch"] == 2
+    r = _pretrain(tiny_pool, "mae", ["--epochs", "4", "--c", *kw], results_env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "continuing from" in r.stderr and "Epoch 2" in r.stdout and "Epoch 0\n" not in r.stdout
+    final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 4 and len(final["logging"]["train_losses"]) == 4
+    method = json.loads((out.parent / "ssl_method.json").read_text())
+    assert method["name"] == "mae" and method["mask_ratio"] == 0.75
+
+
+def test_ddp_gloo_two_ranks_keep_parameters_identical(tiny_pool, results_env, tmp_path):
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(Path(__file__).parent / "ddp_worker.py"), str(out), "-d", tiny_pool.dataset_dir.name, "-m", "mae",
+           "-device", "cpu", "--batch-size", "4", "--iters", "3", "--val-iters", "1", "--epochs", "1",
+           "--no-progress", "--size", "tiny", "--preview-every", "0"]
+    r = subprocess.run(cmd, env=results_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["world"] == 2 and res["batch_per_rank"] == 2
+    assert res["moved"] > 0 and res["max_diff"] == 0.0
+
+
+def test_pretrain_from_raw_folder(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "raw scans" / f"s{i}.nii.gz", ct_volume(i, (16, 40, 40)), spacing=(1.0, 1.0, 2.0))
+    env = dict(os.environ, nnUNet_preprocessed=str(tmp_path / "pre"), nnUNet_results=str(tmp_path / "res"),
+               nnUNet_raw=str(tmp_path / "raw"), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+    args = [str(BIN / "ssl_pretrain"), "-i", str(tmp_path / "raw scans"), "-m", "mae", "-device", "cpu",
+            "--size", "tiny", "--epochs", "1", "--iters", "2", "--val-iters", "1", "--batch-size", "2",
+            "--no-progress", "-np", "1", "--preview-every", "0"]
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "pre" / "Dataset900_SSLPool" / "ssl3dPlans.json").is_file()
+    assert (tmp_path / "res" / "Dataset900_SSLPool" / "MAEPretrainer__ssl3dPlans__3d_fullres" / "fold_0" /
+            "checkpoint_final.pth").is_file()
