@@ -67,7 +67,7 @@ def add_body_labels(dataset: Path) -> None:
     (dataset / "labelsTr").mkdir(exist_ok=True)
     for img_file in sorted((dataset / "imagesTr").glob("*_0000.nii.gz")):
         img = sitk.ReadImage(str(img_file))
-        lab = sitk.Cast(sitk.BinaryThreshold(img, -500, 1e9, 1, 0), sitk.sitkUInt8)
+        lab = sitk.Cast(sitk.BinaryThreshold(sitk.Cast(img, sitk.sitkFloat32), -500.0, 1e9, 1, 0), sitk.sitkUInt8)
         sitk.WriteImage(lab, str(dataset / "labelsTr" / img_file.name.replace("_0000.nii.gz", ".nii.gz")))
     dj = json.loads((dataset / "dataset.json").read_text())
     dj["labels"] = {"background": 0, "body": 1}

@@ -12,12 +12,23 @@ from conftest import blob_batch, ct_volume, write_image
 from ssl3d.training.methods import build_method
 
 BIN = Path(sys.executable).parent
-TINY = {"mae": {"size": "tiny"}}
+TINY = {"mae": {"size": "tiny"}, "spark": {"size": "tiny", "backend": "reference"}}
+ARCH = {  # what the planner gives a 16x32x32 patch at 2x1x1 mm, as in tiny_pool
+    "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+    "arch_kwargs": {"n_stages": 4, "features_per_stage": [32, 64, 128, 256], "conv_op": "torch.nn.modules.conv.Conv3d",
+                    "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+                    "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]], "n_blocks_per_stage": [1, 3, 4, 6],
+                    "n_conv_per_stage_decoder": [1, 1, 1], "conv_bias": True,
+                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                    "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
 
 
 def tiny_method(name, patch=(16, 32, 32), cell=(4, 8, 8)):
-    cfg = {"patch_size": list(patch), "architecture": {}, "ssl3d": {"mae_patch_size": list(cell),
-                                                                    "mask_cell_size": list(cell)}}
+    cfg = {"patch_size": list(patch), "architecture": ARCH,
+           "ssl3d": {"mae_patch_size": list(cell), "mask_cell_size": list(cell), "vit_token_grid": [4, 4, 4],
+                     "hybrid_junction_stage": 3}}
     return build_method(name, {}, cfg, 1, **TINY[name])
 
 
@@ -48,17 +59,37 @@ def test_mask_counts_exact_per_sample(method):
     assert len({tuple(v.flatten().tolist()) for v in vis}) == 5, "each sample gets its own mask"
 
 
+def _perturb_masked(x, vis):
+    voxel_vis = vis[:, None].repeat_interleave(4, 2).repeat_interleave(8, 3).repeat_interleave(8, 4)
+    return voxel_vis, torch.where(voxel_vis, x, torch.randn_like(x) * 100)
+
+
 def test_mae_masked_input_never_reaches_the_encoder():
     m = tiny_method("mae").eval()
     x = blob_batch(0)
     vis = m.random_mask(2, 0.75, torch.Generator().manual_seed(3))
-    voxel_vis = vis[:, None].repeat_interleave(4, 2).repeat_interleave(8, 3).repeat_interleave(8, 4)
-    x2 = torch.where(voxel_vis, x, torch.randn_like(x) * 100)
+    _, x2 = _perturb_masked(x, vis)
     with torch.no_grad():
         f1, _, _ = m.encode(x, vis)
         f2, _, _ = m.encode(x2, vis)
     assert torch.equal(f1, f2)
     assert not torch.equal(x, x2)
+
+
+@pytest.mark.parametrize("method", ["spark"])
+def test_cnn_masked_input_never_changes_visible_features(method):
+    m = tiny_method(method).eval()
+    x = blob_batch(0)
+    vis = m.random_mask(2, 0.75, torch.Generator().manual_seed(3))
+    _, x2 = _perturb_masked(x, vis)
+    with torch.no_grad():
+        f1, f2 = m.encode(x, vis), m.encode(x2, vis)
+    from ssl3d.sparse import upsample_mask
+
+    for a, b in zip(f1, f2):
+        keep = upsample_mask(vis, a.shape[2:])[:, None]
+        assert torch.allclose(a * keep, b * keep, atol=1e-5), "masked voxels leaked into visible features"
+        assert (a * ~keep).abs().max() == 0, "masked positions must stay empty in the sparse encoder"
 
 
 def _pretrain(pool, method, extra, env):

@@ -12,7 +12,9 @@ EXIT_BAD_INPUT = 2
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    # force: rebind to the current stderr (commands may run several times in one process, e.g. in tests)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr,
+                        force=True)
 
 
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],

@@ -1,0 +1,98 @@
+"""``spark``: SparK for 3D. The planned ResEnc encoder, run sparsely (visible voxels only), + densify + light decoder.
+
+The encoder is literally ``ResidualEncoderUNet(...).encoder`` from the plans, converted in place by
+``ssl3d.sparse.sparsify`` (same parameter names), so stock nnU-Net fine-tunes the downstream
+``ResidualEncoderUNet`` with these weights. Loss: MSE on per-cell normalized voxels of masked cells.
+"""
+from __future__ import annotations
+
+import pydoc
+from typing import Sequence
+
+import torch
+
+from ssl3d.sparse import sparse_forward, sparsify
+from ssl3d.training.losses import denormalize_prediction, masked_cell_mse
+from ssl3d.training.methods.base import SSLMethod, register_method
+from ssl3d.training.methods.decoders import Densify, LightUNetDecoder, decoder_widths
+from ssl3d.architectures.vit import patchify, unpatchify
+
+
+def resolve_arch_kwargs(architecture: dict) -> dict:
+    """The plans' ``arch_kwargs`` with class names imported (what nnU-Net's get_network_from_plans does)."""
+    kw = dict(architecture["arch_kwargs"])
+    for key in architecture.get("_kw_requires_import", ()):
+        if kw.get(key) is not None and isinstance(kw[key], str):
+            kw[key] = pydoc.locate(kw[key])
+    return kw
+
+
+def build_downstream_unet(architecture: dict, in_channels: int, num_classes: int, deep_supervision: bool = False):
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    return ResidualEncoderUNet(in_channels, num_classes=num_classes, deep_supervision=deep_supervision,
+                               **resolve_arch_kwargs(architecture))
+
+
+class SparK3D(SSLMethod):
+    name = "spark"
+
+    def __init__(self, architecture: dict, in_channels: int, patch_size: Sequence[int], cell_size: Sequence[int],
+                 backend: str = "auto", decoder_factor: float = 0.5):
+        super().__init__(patch_size, cell_size)
+        self.architecture = architecture
+        self.in_channels = in_channels
+        self.encoder = sparsify(build_downstream_unet(architecture, in_channels, 1).encoder, backend, inplace=True)
+        kw = architecture["arch_kwargs"]
+        features = list(kw["features_per_stage"])
+        widths = decoder_widths(features, decoder_factor)
+        self.densify = Densify(features, widths)
+        self.decoder = LightUNetDecoder(widths, kw["strides"], in_channels, fusion="add")
+        self.backend = backend
+
+    def encode(self, x: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:
+        """Per-stage encoder features; with a mask only visible voxels are computed (masked ones are 0)."""
+        return sparse_forward(self.encoder, x, visible)
+
+    def _predict(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.densify(self.encode(x, visible), visible))
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return masked_cell_mse(self._predict(x, visible), x, visible, self.cell_size)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        pred = denormalize_prediction(patchify(self._predict(x, visible), self.cell_size), x, self.cell_size)
+        grid = visible.shape[1:]
+        image = unpatchify(pred, self.cell_size, grid, x.shape[1]).to(x.dtype)
+        keep = torch.nn.functional.interpolate(visible[:, None].float(), size=x.shape[2:], mode="nearest").bool()
+        return torch.where(keep, x, image)
+
+    def downstream_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
+
+    def config(self) -> dict:
+        return {**super().config(), "backend": self.backend,
+                "features_per_stage": list(self.architecture["arch_kwargs"]["features_per_stage"]),
+                "strides": self.architecture["arch_kwargs"]["strides"]}
+
+
+def scaled_architecture(architecture: dict, size: str) -> dict:
+    """``planned``: as in the plans; ``tiny``: 1/4 width, one block per stage (tests, CPU demos)."""
+    if size in (None, "planned"):
+        return architecture
+    if size != "tiny":
+        raise ValueError(f"unknown size '{size}' (planned, tiny)")
+    arch = {**architecture, "arch_kwargs": dict(architecture["arch_kwargs"])}
+    kw = arch["arch_kwargs"]
+    kw["features_per_stage"] = [max(4, c // 4) for c in kw["features_per_stage"]]
+    kw["n_blocks_per_stage"] = [1] * kw["n_stages"]
+    return arch
+
+
+@register_method("spark", "SparK: sparse ResEnc CNN (planned topology), densify + light decoder, skip addition")
+def build_spark(plans: dict, configuration: dict, num_input_channels: int, size: str = "planned",
+                backend: str = "auto", **overrides) -> SparK3D:
+    arch = scaled_architecture(configuration["architecture"], size)
+    return SparK3D(arch, num_input_channels, configuration["patch_size"], configuration["ssl3d"]["mask_cell_size"],
+                   backend, **overrides)
