@@ -1,0 +1,64 @@
+"""``hyspark``: HySparK for 3D. Sparse MedNeXt CNN + ViT on visible junction tokens, bottom-up masks.
+
+The mask is drawn on the ViT token grid (cell = the junction stride) and mapped up to every CNN stage; the
+ViT sees only visible tokens, counted per sample. Every scale, full resolution included, is densified with
+its own mask token and fused into the decoder by concatenation. Loss: per-patch normalized MSE on masked cells.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ssl3d.architectures.hybrid import HybridEncoder, hybrid_arch_kwargs
+from ssl3d.architectures.vit import patchify, unpatchify
+from ssl3d.training.losses import denormalize_prediction, masked_cell_mse
+from ssl3d.training.methods.base import SSLMethod, register_method
+from ssl3d.training.methods.decoders import Densify, LightUNetDecoder, decoder_widths
+
+
+class HySparK3D(SSLMethod):
+    name = "hyspark"
+
+    def __init__(self, arch_kwargs: dict, in_channels: int, patch_size: Sequence[int], junction_stride: Sequence[int],
+                 backend: str = "auto", decoder_factor: float = 0.5):
+        super().__init__(patch_size, junction_stride)
+        self.arch_kwargs = arch_kwargs
+        self.encoder = HybridEncoder(in_channels, backend=backend, **arch_kwargs)
+        widths = decoder_widths(self.encoder.output_channels, decoder_factor)
+        self.densify = Densify(self.encoder.output_channels, widths)
+        self.decoder = LightUNetDecoder(widths, arch_kwargs["strides"], in_channels, fusion="concat")
+        self.backend = backend
+
+    def encode(self, x: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:
+        return self.encoder(x, visible)
+
+    def _predict(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.densify(self.encode(x, visible), visible))
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return masked_cell_mse(self._predict(x, visible), x, visible, self.cell_size)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        pred = denormalize_prediction(patchify(self._predict(x, visible), self.cell_size), x, self.cell_size)
+        image = unpatchify(pred, self.cell_size, visible.shape[1:], x.shape[1]).to(x.dtype)
+        keep = torch.nn.functional.interpolate(visible[:, None].float(), size=x.shape[2:], mode="nearest").bool()
+        return torch.where(keep, x, image)
+
+    def downstream_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
+
+    def config(self) -> dict:
+        return {**super().config(), "backend": self.backend, "downstream": "ssl3d.architectures.hybrid.HybridUNet",
+                "arch_kwargs": self.arch_kwargs}
+
+
+@register_method("hyspark", "HySparK: sparse MedNeXt CNN + ViT on visible tokens, bottom-up masks, skip concat")
+def build_hyspark(plans: dict, configuration: dict, num_input_channels: int, size: str = "S",
+                  backend: str = "auto", **overrides) -> HySparK3D:
+    arch = {**hybrid_arch_kwargs(configuration, size), **overrides.pop("arch", {})}
+    stride = [1, 1, 1]
+    for s in arch["strides"]:
+        stride = [a * int(b) for a, b in zip(stride, s)]
+    return HySparK3D(arch, num_input_channels, configuration["patch_size"], stride, backend, **overrides)
