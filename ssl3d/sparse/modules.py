@@ -1,0 +1,171 @@
+"""``nn.Module`` sparse twins: subclasses of the dense modules with identical parameters and state_dict keys.
+
+Each forward accepts a plain tensor (→ exactly the dense module) or a ``SparseTensor`` (→ sparse op on
+visible voxels, returns a SparseTensor). Set ``module.backend`` to "auto" / "reference" / "cpu" / "triton".
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl3d.architectures.mednext import LayerNormCF
+
+from . import ops
+from .tensor import SparseTensor
+
+
+def _out_shape(fn, x: torch.Tensor, *args: Any, **kw: Any) -> tuple[int, ...]:
+    """Spatial output shape of a dense op, evaluated on a meta tensor (no compute)."""
+    probe = torch.empty((1, 1, *x.shape[2:]), device="meta")
+    return tuple(fn(probe, *args, **kw).shape[2:])
+
+
+class _SparseMixin:
+    backend: str = "auto"
+
+    @classmethod
+    def from_dense(cls, m: nn.Module, backend: str = "auto") -> nn.Module:
+        """Turn ``m`` into this class in place (parameters and buffers stay the same objects)."""
+        m.__class__ = cls
+        m.backend = backend
+        return m
+
+
+class SparseConv3d(_SparseMixin, nn.Conv3d):
+    def forward(self, x):
+        if not isinstance(x, SparseTensor):
+            return super().forward(x)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise NotImplementedError("sparse conv supports numeric zero padding only")
+        f = x.features
+        shape = _out_shape(lambda p: F.conv3d(p, torch.empty((1, 1, *self.kernel_size), device="meta"), None,
+                                              self.stride, self.padding, self.dilation), f)
+        y = ops.sparse_conv3d(f, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                              x.layout(), x.layout(shape), backend=self.backend)
+        return x.replace(y)
+
+
+class SparseConvTranspose3d(_SparseMixin, nn.ConvTranspose3d):
+    def forward(self, x, output_size=None):
+        if not isinstance(x, SparseTensor):
+            return super().forward(x, output_size)
+        f = x.features
+        op = self._output_padding(f, output_size, self.stride, self.padding, self.kernel_size, 3, self.dilation)
+        shape = tuple((n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o in
+                      zip(f.shape[2:], self.stride, self.padding, self.dilation, self.kernel_size, op))
+        y = ops.sparse_conv_transpose3d(f, self.weight, self.bias, self.stride, self.padding, op, self.groups,
+                                        self.dilation, x.layout(), x.layout(shape), backend=self.backend)
+        return x.replace(y)
+
+
+class SparseMaxPool3d(_SparseMixin, nn.MaxPool3d):
+    def forward(self, x):
+        if not isinstance(x, SparseTensor):
+            return super().forward(x)
+        if self.return_indices:
+            raise NotImplementedError("sparse max-pool does not return indices")
+        f = x.features
+        args = (self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        shape = _out_shape(F.max_pool3d, f, *args)
+        return x.replace(ops.sparse_max_pool3d(f, *args, mask_in=x.layout(), mask_out=x.layout(shape),
+                                               backend=self.backend))
+
+
+class SparseAvgPool3d(_SparseMixin, nn.AvgPool3d):
+    def forward(self, x):
+        if not isinstance(x, SparseTensor):
+            return super().forward(x)
+        f = x.features
+        args = (self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
+                self.divisor_override)
+        shape = _out_shape(F.avg_pool3d, f, *args)
+        return x.replace(ops.sparse_avg_pool3d(f, *args, mask_in=x.layout(), mask_out=x.layout(shape),
+                                               backend=self.backend))
+
+
+class SparseBatchNorm3d(_SparseMixin, nn.BatchNorm3d):
+    """BatchNorm3d whose statistics use visible voxels only (SparK's SparseBatchNorm without gathering)."""
+
+    def forward(self, x):
+        if not isinstance(x, SparseTensor):
+            return super().forward(x)
+        training = self.training or self.running_mean is None
+        track = self.training and self.track_running_stats
+        y = ops.sparse_batch_norm(x.features, x.layout(), self.running_mean if (track or not self.training)
+                                  else None, self.running_var if (track or not self.training) else None,
+                                  self.weight, self.bias, training, self.momentum, self.eps,
+                                  self.num_batches_tracked if track else None, backend=self.backend,
+                                  masked_input=True)
+        return x.replace(y)
+
+
+class SparseInstanceNorm3d(_SparseMixin, nn.InstanceNorm3d):
+    def forward(self, x):
+        if not isinstance(x, SparseTensor):
+            return super().forward(x)
+        use_input_stats = self.training or not self.track_running_stats
+        y = ops.sparse_instance_norm(x.features, x.layout(), self.running_mean, self.running_var, self.weight,
+                                     self.bias, use_input_stats, self.momentum if self.momentum is not None
+                                     else 0.1, self.eps, backend=self.backend, masked_input=True)
+        return x.replace(y)
+
+
+class SparseGroupNorm(_SparseMixin, nn.GroupNorm):
+    def forward(self, x):
+        if not isinstance(x, SparseTensor):
+            return super().forward(x)
+        y = ops.sparse_group_norm(x.features, x.layout(), self.num_groups, self.weight, self.bias, self.eps,
+                                  backend=self.backend, masked_input=True)
+        return x.replace(y)
+
+
+class SparseLayerNormCF(_SparseMixin, LayerNormCF):
+    def forward(self, x):
+        if not isinstance(x, SparseTensor):
+            return super().forward(x)
+        y = ops.sparse_layer_norm_cf(x.features, x.layout(), self.weight, self.bias, self.eps,
+                                     backend=self.backend)
+        return x.replace(y)
+
+
+# ----------------------------------------------------------------------------- pointwise (parameter-free or
+# per-channel) modules: applied to the features; re-masked unless f(0) == 0 is known.
+ZERO_PRESERVING = ("ReLU", "LeakyReLU", "GELU", "SiLU", "ELU", "Tanh", "Hardswish", "Mish", "PReLU", "ReLU6",
+                   "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Identity", "DropPath",
+                   "Softsign", "Tanhshrink", "Hardtanh", "SELU", "CELU", "Softshrink", "Hardshrink")
+
+
+class SparsePointwise(_SparseMixin):
+    """Mixin for elementwise modules; combined with the dense class by ``pointwise_class``."""
+
+    zero_preserving: bool = True
+
+    def forward(self, x):
+        dense_forward = super().forward  # the dense class follows this mixin in the MRO
+        if not isinstance(x, SparseTensor):
+            return dense_forward(x)
+        y = dense_forward(x.features)
+        if not self.zero_preserving:
+            y = y * x.layout().float_mask(y.dtype)
+        return x.replace(y)
+
+
+_POINTWISE_CLASSES: dict[type, type] = {}
+
+
+def pointwise_class(cls: type) -> type:
+    """The sparse subclass of an elementwise module class (created once and cached)."""
+    sub = _POINTWISE_CLASSES.get(cls)
+    if sub is None:
+        sub = type("Sparse" + cls.__name__, (SparsePointwise, cls),
+                   {"zero_preserving": cls.__name__ in ZERO_PRESERVING, "__module__": __name__})
+        _POINTWISE_CLASSES[cls] = sub
+    return sub
+
+
+__all__ = ["SparseConv3d", "SparseConvTranspose3d", "SparseMaxPool3d", "SparseAvgPool3d", "SparseBatchNorm3d",
+           "SparseInstanceNorm3d", "SparseGroupNorm", "SparseLayerNormCF", "SparsePointwise", "pointwise_class",
+           "ZERO_PRESERVING"]

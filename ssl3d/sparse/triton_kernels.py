@@ -1,0 +1,183 @@
+"""Triton implicit-GEMM kernels for masked sparse 3D convolution over active-tile lists.
+
+Every program handles one spatial tile (TZ×TY×TX voxels = the GEMM's M dimension) from a precomputed list of
+tiles that contain at least one visible voxel, times one block of channels. Tiles without visible voxels are
+never visited. Accumulation is fp32 for fp32/bf16/fp16 inputs. Masks are uint8 ``(B, D, H, W)``; features
+are addressed through explicit strides (NCDHW or channels-last). Regular convs use ``tl.dot``; depthwise
+convs are per-channel FMAs. Gradients: dgrad walks the *input* tiles and gathers ``(i + p - k) / s``,
+wgrad reduces over output tiles split across programs and finishes with fp32 atomics.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_coords(tiles_ptr, pid, TZ: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr):
+    b = tl.load(tiles_ptr + pid * 4).to(tl.int64)
+    z0 = tl.load(tiles_ptr + pid * 4 + 1)
+    y0 = tl.load(tiles_ptr + pid * 4 + 2)
+    x0 = tl.load(tiles_ptr + pid * 4 + 3)
+    r = tl.arange(0, TZ * TY * TX)
+    return b, z0 + r // (TY * TX), y0 + (r // TX) % TY, x0 + r % TX
+
+
+@triton.jit
+def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, mi_ptr, mo_ptr, out_ptr, tiles_ptr,
+                    Ci, Co, Di, Hi, Wi, Do, Ho, Wo,
+                    sxb, sxc, sxz, sxy, sxx, sob, soc, soz, soy, sox,
+                    KZ: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr,
+                    SZ: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr,
+                    PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    TZ: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DEPTHWISE: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """out[b, co, o] = sum_{k, ci} w[k, ci, co] * (x * m_in)[b, ci, o*s - p + k], kept where m_out."""
+    b, oz, oy, ox = _tile_coords(tiles_ptr, tl.program_id(0), TZ, TY, TX)
+    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < Co
+    out_ok = (oz < Do) & (oy < Ho) & (ox < Wo)
+    acc = tl.zeros((TZ * TY * TX, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, KZ * KY * KX):
+        kz = kk // (KY * KX)
+        ky = (kk // KX) % KY
+        kx = kk % KX
+        iz = oz * SZ - PZ + kz
+        iy = oy * SY - PY + ky
+        ix = ox * SX - PX + kx
+        ok = out_ok & (iz >= 0) & (iz < Di) & (iy >= 0) & (iy < Hi) & (ix >= 0) & (ix < Wi)
+        mv = tl.load(mi_ptr + ((b * Di + iz) * Hi + iy) * Wi + ix, mask=ok, other=0)
+        ok = ok & (mv != 0)
+        row = b * sxb + iz * sxz + iy * sxy + ix * sxx
+        if DEPTHWISE:
+            a = tl.load(x_ptr + row[:, None] + co[None, :] * sxc, mask=ok[:, None] & co_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + kk * Co + co, mask=co_ok, other=0.0)
+            acc += a.to(tl.float32) * wv.to(tl.float32)[None, :]
+        else:
+            for c0 in range(0, Ci, BLOCK_K):
+                ci = c0 + tl.arange(0, BLOCK_K)
+                ci_ok = ci < Ci
+                a = tl.load(x_ptr + row[:, None] + ci[None, :] * sxc, mask=ok[:, None] & ci_ok[None, :], other=0.0)
+                wv = tl.load(w_ptr + (kk * Ci + ci[:, None]) * Co + co[None, :],
+                             mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    wv = wv.to(tl.float32)
+                acc = tl.dot(a, wv, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    mo = tl.load(mo_ptr + ((b * Do + oz) * Ho + oy) * Wo + ox, mask=out_ok, other=0)
+    acc = tl.where((mo != 0)[:, None], acc, 0.0)
+    optr = out_ptr + (b * sob + oz * soz + oy * soy + ox * sox)[:, None] + co[None, :] * soc
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=out_ok[:, None] & co_ok[None, :])
+
+
+@triton.jit
+def conv_dgrad_kernel(g_ptr, w_ptr, mi_ptr, mo_ptr, gx_ptr, tiles_ptr,
+                      Ci, Co, Di, Hi, Wi, Do, Ho, Wo,
+                      sgb, sgc, sgz, sgy, sgx, sib, sic, siz, siy, six,
+                      KZ: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr,
+                      SZ: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr,
+                      PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
+                      TZ: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DEPTHWISE: tl.constexpr,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """gx[b, ci, i] = m_in * sum_{k, co} w[k, co, ci] * (g * m_out)[b, co, (i + p - k) / s] (exact division)."""
+    b, iz, iy, ix = _tile_coords(tiles_ptr, tl.program_id(0), TZ, TY, TX)
+    ci = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_ok = ci < Ci
+    in_ok = (iz < Di) & (iy < Hi) & (ix < Wi)
+    acc = tl.zeros((TZ * TY * TX, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, KZ * KY * KX):
+        kz = kk // (KY * KX)
+        ky = (kk // KX) % KY
+        kx = kk % KX
+        tz = iz + PZ - kz
+        ty = iy + PY - ky
+        tx = ix + PX - kx
+        ok = in_ok & (tz >= 0) & (ty >= 0) & (tx >= 0) & (tz % SZ == 0) & (ty % SY == 0) & (tx % SX == 0)
+        oz = tz // SZ
+        oy = ty // SY
+        ox = tx // SX
+        ok = ok & (oz < Do) & (oy < Ho) & (ox < Wo)
+        mv = tl.load(mo_ptr + ((b * Do + oz) * Ho + oy) * Wo + ox, mask=ok, other=0)
+        ok = ok & (mv != 0)
+        row = b * sgb + oz * sgz + oy * sgy + ox * sgx
+        if DEPTHWISE:
+            gv = tl.load(g_ptr + row[:, None] + ci[None, :] * sgc, mask=ok[:, None] & ci_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + kk * Ci + ci, mask=ci_ok, other=0.0)
+            acc += gv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        else:
+            for c0 in range(0, Co, BLOCK_K):
+                co = c0 + tl.arange(0, BLOCK_K)
+                co_ok = co < Co
+                gv = tl.load(g_ptr + row[:, None] + co[None, :] * sgc, mask=ok[:, None] & co_ok[None, :], other=0.0)
+                wv = tl.load(w_ptr + (kk * Co + co[:, None]) * Ci + ci[None, :],
+                             mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
+                if UPCAST:
+                    gv = gv.to(tl.float32)
+                    wv = wv.to(tl.float32)
+                acc = tl.dot(gv, wv, acc, input_precision=PRECISION)
+    mi = tl.load(mi_ptr + ((b * Di + iz) * Hi + iy) * Wi + ix, mask=in_ok, other=0)
+    acc = tl.where((mi != 0)[:, None], acc, 0.0)
+    optr = gx_ptr + (b * sib + iz * siz + iy * siy + ix * six)[:, None] + ci[None, :] * sic
+    tl.store(optr, acc.to(gx_ptr.dtype.element_ty), mask=in_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit
+def conv_wgrad_kernel(x_ptr, g_ptr, mi_ptr, mo_ptr, dw_ptr, tiles_ptr, n_tiles,
+                      Ci, Co, Di, Hi, Wi, Do, Ho, Wo,
+                      sxb, sxc, sxz, sxy, sxx, sgb, sgc, sgz, sgy, sgx,
+                      KZ: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr,
+                      SZ: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr,
+                      PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
+                      TZ: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+                      BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, SPLIT: tl.constexpr,
+                      DEPTHWISE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dw[k, ci, co] += sum over visible outputs o of (x*m_in)[ci, o*s - p + k] * (g*m_out)[co, o] (fp32 atomics).
+
+    Grid: (KVOL, ceil(Ci / BLOCK_CI) (*1 for depthwise), ceil(Co / BLOCK_CO)) x SPLIT tile chunks on axis 0.
+    """
+    pid0 = tl.program_id(0)
+    kk = pid0 // SPLIT
+    split = pid0 % SPLIT
+    kz = kk // (KY * KX)
+    ky = (kk // KX) % KY
+    kx = kk % KX
+    co = tl.program_id(2) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = co < Co
+    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_ok = ci < Ci
+    if DEPTHWISE:
+        acc_d = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    for t in range(split, n_tiles, SPLIT):
+        b, oz, oy, ox = _tile_coords(tiles_ptr, t, TZ, TY, TX)
+        out_ok = (oz < Do) & (oy < Ho) & (ox < Wo)
+        mv = tl.load(mo_ptr + ((b * Do + oz) * Ho + oy) * Wo + ox, mask=out_ok, other=0)
+        ok_o = out_ok & (mv != 0)
+        iz = oz * SZ - PZ + kz
+        iy = oy * SY - PY + ky
+        ix = ox * SX - PX + kx
+        ok_i = ok_o & (iz >= 0) & (iz < Di) & (iy >= 0) & (iy < Hi) & (ix >= 0) & (ix < Wi)
+        mi = tl.load(mi_ptr + ((b * Di + iz) * Hi + iy) * Wi + ix, mask=ok_i, other=0)
+        ok_i = ok_i & (mi != 0)
+        xrow = b * sxb + iz * sxz + iy * sxy + ix * sxx
+        grow = b * sgb + oz * sgz + oy * sgy + ox * sgx
+        gv = tl.load(g_ptr + grow[:, None] + co[None, :] * sgc, mask=ok_o[:, None] & co_ok[None, :], other=0.0)
+        if DEPTHWISE:
+            a = tl.load(x_ptr + xrow[:, None] + co[None, :] * sxc, mask=ok_i[:, None] & co_ok[None, :], other=0.0)
+            acc_d += tl.sum(a.to(tl.float32) * gv.to(tl.float32), axis=0)
+        else:
+            a = tl.load(x_ptr + xrow[:, None] + ci[None, :] * sxc, mask=ok_i[:, None] & ci_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                gv = gv.to(tl.float32)
+            acc = tl.dot(tl.trans(a), gv, acc, input_precision=PRECISION)
+    if DEPTHWISE:
+        tl.atomic_add(dw_ptr + kk * Co + co, acc_d, mask=co_ok)
+    else:
+        tl.atomic_add(dw_ptr + (kk * Ci + ci[:, None]) * Co + co[None, :], acc,
+                      mask=ci_ok[:, None] & co_ok[None, :])
