@@ -164,7 +164,14 @@ class SSLPretrainer(nnUNetTrainer):
                         "initial_lr": self.initial_lr, "weight_decay": self.weight_decay,
                         "batch_size": self._global_batch_size(), "num_epochs": self.num_epochs,
                         "num_iterations_per_epoch": self.num_iterations_per_epoch,
-                        "sparse_backend": self.sparse_backend})
+                        "sparse_backend": self.sparse_backend, "method_kwargs": self.method_kwargs,
+                        "downstream_architecture": self._downstream_architecture()})
+
+    def _downstream_architecture(self) -> dict | None:
+        try:
+            return self.ssl_method.downstream_architecture()
+        except NotImplementedError:
+            return None
 
     def on_train_epoch_start(self):
         self.network.train()

@@ -49,6 +49,11 @@ class SSLMethod(nn.Module):
     def downstream_state_dict(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def downstream_architecture(self) -> dict:
+        """Plans ``architecture`` entry (network_class_name, arch_kwargs, _kw_requires_import) of the network
+        that receives :meth:`downstream_state_dict` for fine-tuning."""
+        raise NotImplementedError(f"method '{self.name}' has no downstream segmentation network yet")
+
     def config(self) -> dict:
         return {"name": self.name, "patch_size": list(self.patch_size), "cell_size": list(self.cell_size)}
 

@@ -49,6 +49,10 @@ class HySparK3D(SSLMethod):
     def downstream_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
 
+    def downstream_architecture(self) -> dict:
+        return {"network_class_name": "ssl3d.architectures.hybrid.HybridUNet", "arch_kwargs": dict(self.arch_kwargs),
+                "_kw_requires_import": []}
+
     def config(self) -> dict:
         return {**super().config(), "backend": self.backend, "downstream": "ssl3d.architectures.hybrid.HybridUNet",
                 "arch_kwargs": self.arch_kwargs}

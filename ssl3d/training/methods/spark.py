@@ -71,6 +71,9 @@ class SparK3D(SSLMethod):
     def downstream_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
 
+    def downstream_architecture(self) -> dict:
+        return self.architecture
+
     def config(self) -> dict:
         return {**super().config(), "backend": self.backend,
                 "features_per_stage": list(self.architecture["arch_kwargs"]["features_per_stage"]),

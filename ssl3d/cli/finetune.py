@@ -1,0 +1,169 @@
+"""``ssl_finetune``, ``ssl_export_weights``, ``ssl_nnunet_ext_path``: fine-tune with stock nnU-Net.
+
+``ssl_finetune -d 802 -p <pretraining results> -f 0`` plans the labeled dataset with the pretraining's
+spacing, normalization, patch size and downstream architecture (an nnU-Net plans file of its own), runs
+nnU-Net's fingerprint and preprocessing, exports the pretrained weights and calls stock ``nnUNetv2_train ...
+-pretrained_weights`` with ``nnUNet_extTrainer`` pointing at ssl3d's shim folder.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ssl3d.cli.common import run_cli
+from ssl3d.utils import BadInputError, env_dir, read_json, write_json
+
+logger = logging.getLogger("ssl3d")
+EXT_DIR = Path(__file__).resolve().parent.parent / "nnunet_ext"
+
+
+def ext_trainer_path() -> str:
+    """``nnUNet_extTrainer`` value with ssl3d's shim folder added to whatever the user already has."""
+    current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    return os.pathsep.join([str(EXT_DIR)] + [p for p in current if p != str(EXT_DIR)])
+
+
+def finetune_plans(pretrain_plans: dict, architecture: dict, dataset_name: str, plans_name: str,
+                   options: dict) -> dict:
+    """The pretraining plans re-targeted to a labeled dataset.
+
+    Spacing, transpose, patch size and normalization (with the pool's intensity statistics, i.e. the input
+    distribution the encoder was trained on) are kept; the architecture is the method's downstream network.
+    A fixed CT window has no nnU-Net scheme, so it becomes nnU-Net's CTNormalization with statistics that
+    make it the same map: clip to [lo, hi], subtract lo, divide by hi - lo.
+    """
+    plans = copy.deepcopy(pretrain_plans)
+    plans.pop("continue_training", None)
+    cfg = plans["configurations"]["3d_fullres"]
+    fg = plans["foreground_intensity_properties_per_channel"]
+    for c, scheme in enumerate(cfg["normalization_schemes"]):
+        if scheme == "CTWindowNormalization":
+            lo, hi = cfg["ssl3d"]["normalization_kwargs"][c]["window"]
+            fg[str(c)] = {**fg.get(str(c), {}), "mean": lo, "std": hi - lo, "percentile_00_5": lo,
+                          "percentile_99_5": hi}
+            cfg["normalization_schemes"][c] = "CTNormalization"
+    plans["dataset_name"] = dataset_name
+    plans["plans_name"] = plans_name
+    cfg["architecture"] = copy.deepcopy(architecture)
+    cfg["data_identifier"] = f"{plans_name.removesuffix('_scratch')}_3d_fullres"
+    cfg["batch_size"] = int(options.pop("batch_size", 2))
+    cfg["ssl3d_finetune"] = options
+    cfg["batch_dice"] = True
+    return plans
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssl_finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", required=True, help="labeled nnU-Net raw dataset (id or name)")
+    p.add_argument("-p", required=True, help="pretraining results folder (<Trainer>__ssl3dPlans__3d_fullres)")
+    p.add_argument("-f", default="0", help="fold (0-4 or all)")
+    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
+    p.add_argument("-np", type=int, default=4, help="processes for nnU-Net's fingerprint and preprocessing")
+    p.add_argument("--scratch", action="store_true", help="same plans and schedule, no pretrained weights")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--val-iters", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", choices=["linear", "decoder"], default="linear")
+    p.add_argument("--warmup-epochs", type=int, default=None)
+    p.add_argument("--encoder-lr-factor", type=float, default=1.0)
+    p.add_argument("--optimizer", choices=["auto", "sgd", "adamw"], default="auto")
+    shots = p.add_mutually_exclusive_group()
+    shots.add_argument("--n-train", type=int, default=None, help="few-shot: K training cases of the fold")
+    shots.add_argument("--fraction", type=float, default=None, help="few-shot: this fraction of the fold")
+    p.add_argument("--no-final-val", action="store_true", help="skip nnU-Net's final sliding-window validation")
+    p.add_argument("--prepare-only", action="store_true", help="plan, preprocess and export; do not train")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from ssl3d.training.export import export_weights, find_pretraining, load_pretrained_method
+
+    pre_root = env_dir("nnUNet_preprocessed")
+    if pre_root is None or env_dir("nnUNet_raw") is None or env_dir("nnUNet_results") is None:
+        raise BadInputError(None, "set nnUNet_raw, nnUNet_preprocessed and nnUNet_results")
+    try:
+        dataset = maybe_convert_to_dataset_name(int(args.d) if str(args.d).isdigit() else args.d)
+    except RuntimeError as e:
+        raise BadInputError(None, f"dataset {args.d}: {str(e).splitlines()[0]}") from None
+    dataset_id = int(dataset[7:10])
+    folder, ckpt = find_pretraining(args.p)
+    method, pplans, info = load_pretrained_method(folder, ckpt)
+    plans_name = f"ssl3d_{info['name']}Plans" + ("_scratch" if args.scratch else "")
+    options = {k: v for k, v in {
+        "num_epochs": args.epochs, "num_iterations_per_epoch": args.iters, "num_val_iterations_per_epoch":
+        args.val_iters, "lr": args.lr, "warmup": args.warmup, "warmup_epochs": args.warmup_epochs,
+        "encoder_lr_factor": args.encoder_lr_factor, "optimizer": args.optimizer, "n_train": args.n_train,
+        "fraction": args.fraction, "final_validation": not args.no_final_val, "batch_size": args.batch_size,
+        "pretrained_from": str(ckpt), "method": info["name"]}.items() if v is not None}
+    plans = finetune_plans(pplans, method.downstream_architecture(), dataset, plans_name, options)
+
+    target = pre_root / dataset
+    if not (target / "dataset_fingerprint.json").is_file():
+        logger.info("nnU-Net fingerprint of %s", dataset)
+        extract_fingerprint_dataset(dataset_id, num_processes=args.np, check_dataset_integrity=True, clean=True,
+                                    verbose=False)
+    raw_dj = env_dir("nnUNet_raw") / dataset / "dataset.json"
+    write_json(target / "dataset.json", read_json(raw_dj))
+    write_json(target / f"{plans_name}.json", plans)
+    data_dir = target / plans["configurations"]["3d_fullres"]["data_identifier"]
+    if not data_dir.is_dir() or not any(data_dir.glob("*.pkl")):
+        logger.info("nnU-Net preprocessing of %s with %s", dataset, plans_name)
+        preprocess_dataset(dataset_id, plans_name, ("3d_fullres",), [args.np], verbose=False)
+    cmd = ["nnUNetv2_train", dataset, "3d_fullres", args.f, "-p", plans_name, "-tr", "SSLFinetuneTrainer",
+           "-device", args.device]
+    if not args.scratch:
+        n_classes = len(read_json(raw_dj)["labels"])
+        weights = target / f"{plans_name}__pretrained_weights.pth"
+        export_weights(args.p, weights, num_classes=n_classes)
+        cmd += ["-pretrained_weights", str(weights)]
+    env = dict(os.environ, nnUNet_extTrainer=ext_trainer_path())
+    logger.info("export nnUNet_extTrainer=%s", env["nnUNet_extTrainer"])
+    logger.info("%s", " ".join(cmd))
+    if args.prepare_only:
+        return 0
+    bin_dir = Path(sys.executable).parent
+    cmd[0] = str(bin_dir / cmd[0]) if (bin_dir / cmd[0]).exists() else cmd[0]
+    return subprocess.run(cmd, env=env).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), _run, argv)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ssl_export_weights",
+                                description="Write pretrained weights for nnUNetv2_train -pretrained_weights.")
+    p.add_argument("-p", required=True, help="pretraining results folder")
+    p.add_argument("-o", required=True, help="output .pth file")
+    p.add_argument("-f", default="0", help="pretraining fold (default 0)")
+    p.add_argument("--num-classes", type=int, default=2, help="segmentation heads (skipped by nnU-Net's loader)")
+
+    def body(a):
+        from ssl3d.training.export import export_weights
+
+        res = export_weights(a.p, a.o, a.num_classes, a.f)
+        logger.info("downstream network: %s", res["architecture"]["network_class_name"])
+        return 0
+
+    return run_cli(p, body, argv)
+
+
+def ext_path_main(argv: list[str] | None = None) -> int:
+    """Print the nnUNet_extTrainer value: ``export nnUNet_extTrainer=$(ssl_nnunet_ext_path)``."""
+    print(ext_trainer_path())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Turn a pretraining result into weights stock ``nnUNetv2_train -pretrained_weights`` accepts.
+
+nnU-Net's loader wants every key of the network (except ``.seg_layers.``) with the right shape and loads
+without ``map_location``, so the export is the *full* downstream state_dict (pretrained encoder + freshly
+initialised decoder) as CPU tensors. The encoder transfer is checked key by key and fails loudly: research
+code that loads with ``strict=False`` and silently transfers nothing is what this guards against.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ssl3d.training.methods import SSLMethod, build_method
+from ssl3d.utils import BadInputError, read_json
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
+
+
+class EncoderMismatchError(BadInputError):
+    """The pretrained encoder does not fit the downstream network (one line via the CLIs, exit code 2)."""
+
+    def __init__(self, problem: str, path: str | os.PathLike | None = None):
+        super().__init__(path, problem)
+
+
+def find_pretraining(results: str | os.PathLike, fold: str = "0") -> tuple[Path, Path]:
+    """``(trainer folder with plans.json and ssl_method.json, checkpoint file)`` from a trainer or fold folder."""
+    p = Path(results)
+    if (p / "ssl_method.json").is_file():
+        folder, fold_dir = p, p / f"fold_{fold}"
+    elif (p.parent / "ssl_method.json").is_file():
+        folder, fold_dir = p.parent, p
+    else:
+        raise BadInputError(p, "not an ssl3d pretraining results folder (no ssl_method.json)")
+    for name in CHECKPOINTS:
+        if (fold_dir / name).is_file():
+            return folder, fold_dir / name
+    raise BadInputError(fold_dir, f"no checkpoint ({', '.join(CHECKPOINTS)}) found")
+
+
+def load_pretrained_method(folder: Path, checkpoint: Path) -> tuple[SSLMethod, dict, dict]:
+    """Rebuild the SSL method exactly as trained and load its weights strictly. Returns (method, plans, info)."""
+    info = read_json(folder / "ssl_method.json")
+    plans = read_json(folder / "plans.json")
+    cfg = plans["configurations"]["3d_fullres"]
+    n_channels = len(read_json(folder / "dataset.json")["channel_names"])
+    kwargs = dict(info.get("method_kwargs", {}))
+    if info["name"] in ("spark", "hyspark"):
+        kwargs["backend"] = "reference"
+    method = build_method(info["name"], plans, cfg, n_channels, **kwargs)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+    result = method.load_state_dict(state, strict=False)
+    own = method.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if result.missing_keys or result.unexpected_keys or wrong:
+        raise EncoderMismatchError(
+            f"checkpoint does not match the '{info['name']}' network described by ssl_method.json "
+            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, {len(wrong)} wrong-shape "
+            f"keys, e.g. {(result.missing_keys + result.unexpected_keys + wrong)[:2]})", checkpoint)
+    return method, plans, info
+
+
+def transfer_encoder(network: torch.nn.Module, encoder_state: dict[str, torch.Tensor]) -> int:
+    """Copy pretrained encoder weights into ``network``; every key must exist with the same shape and every
+    ``encoder.*`` key of the network must be covered. Returns the number of tensors copied."""
+    target = network.state_dict()
+    missing = [k for k in encoder_state if k not in target]
+    wrong = [f"{k}: pretrained {tuple(v.shape)} vs network {tuple(target[k].shape)}"
+             for k, v in encoder_state.items() if k in target and target[k].shape != v.shape]
+    uncovered = [k for k in target if k.startswith("encoder.") and k not in encoder_state]
+    if missing or wrong or uncovered or not encoder_state:
+        detail = "; ".join(filter(None, [
+            f"{len(missing)} pretrained keys absent from the network (e.g. {missing[:2]})" if missing else "",
+            f"{len(wrong)} shape mismatches (e.g. {wrong[:2]})" if wrong else "",
+            f"{len(uncovered)} network encoder keys not pretrained (e.g. {uncovered[:2]})" if uncovered else "",
+            "no pretrained encoder weights" if not encoder_state else ""]))
+        raise EncoderMismatchError(f"pretrained encoder does not match the downstream network: {detail}")
+    with torch.no_grad():
+        for k, v in encoder_state.items():
+            target[k].copy_(v)
+    return len(encoder_state)
+
+
+def build_downstream(architecture: dict, in_channels: int, num_classes: int) -> torch.nn.Module:
+    """The network stock nnU-Net builds from these plans (same function nnU-Net uses)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    return get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                  architecture.get("_kw_requires_import", []), in_channels, num_classes,
+                                  deep_supervision=True)
+
+
+def export_weights(results: str | os.PathLike, output: str | os.PathLike, num_classes: int = 2,
+                   fold: str = "0") -> dict:
+    """Write ``{'network_weights': full downstream state_dict}`` (CPU tensors). Returns a summary."""
+    folder, ckpt = find_pretraining(results, fold)
+    method, plans, info = load_pretrained_method(folder, ckpt)
+    arch = method.downstream_architecture()
+    n_channels = len(read_json(folder / "dataset.json")["channel_names"])
+    net = build_downstream(arch, n_channels, num_classes)
+    try:
+        copied = transfer_encoder(net, method.downstream_state_dict())
+    except EncoderMismatchError as e:
+        raise EncoderMismatchError(e.problem, ckpt) from None
+    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    payload = {"network_weights": state, "ssl3d": {"method": info["name"], "source_checkpoint": str(ckpt),
+                                                   "architecture": arch, "encoder_tensors": copied}}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".tmp_{output.name}")
+    torch.save(payload, tmp)
+    os.replace(tmp, output)
+    logger.info("exported %s (%d pretrained encoder tensors, %d total) from %s", output, copied, len(state), ckpt)
+    return {"file": output, "architecture": arch, "plans": plans, "method": info["name"], "encoder_tensors": copied}

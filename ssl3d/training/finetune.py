@@ -1,0 +1,131 @@
+"""``SSLFinetuneTrainer``: nnU-Net's trainer for pretrained networks, found by stock nnU-Net via nnUNet_extTrainer.
+
+Options live in the plans (``configurations[c]["ssl3d_finetune"]``, written by ``ssl_finetune``), because stock
+``nnUNetv2_train`` constructs trainers with nnU-Net's five arguments only:
+
+* ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``: schedule (short variants);
+* ``warmup_epochs`` and ``warmup``: ``"linear"`` LR warm-up, or ``"decoder"`` (encoder frozen, then linear);
+* ``encoder_lr_factor``: encoder LR = factor × LR (e.g. 0.1), ``optimizer``: ``"auto"`` (AdamW for
+  transformer encoders, nnU-Net's SGD otherwise), ``"sgd"`` or ``"adamw"``;
+* ``n_train`` / ``fraction``: deterministic few-shot subset of the fold's training cases (never validation);
+* ``final_validation``: False skips nnU-Net's sliding-window validation at the end (smoke runs).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+TRANSFORMER_CLASSES = ("HybridUNet", "Primus")
+
+
+def few_shot_subset(train_keys: list[str], fold: int | str, n_train: int | None = None,
+                    fraction: float | None = None) -> list[str]:
+    """Deterministic subset of a fold's training cases (same seed → same cases; nested for growing K)."""
+    keys = sorted(train_keys)
+    if n_train is None and fraction is None:
+        return keys
+    k = int(n_train) if n_train is not None else max(1, int(round(float(fraction) * len(keys))))
+    if not 1 <= k <= len(keys):
+        raise ValueError(f"few-shot size {k} must be between 1 and {len(keys)} training cases")
+    seed = 12345 + (0 if fold == "all" else int(fold))
+    order = np.random.RandomState(seed).permutation(len(keys))
+    return sorted(keys[i] for i in order[:k])
+
+
+class WarmupPoly:
+    """Linear warm-up over ``warmup`` epochs, then nnU-Net's poly decay; per-group LR factors kept."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, max_epochs: int, warmup: int):
+        self.optimizer, self.base_lr, self.max_epochs, self.warmup = optimizer, base_lr, max_epochs, warmup
+
+    def lr_at(self, epoch: int) -> float:
+        if epoch < self.warmup:
+            return self.base_lr * (epoch + 1) / (self.warmup + 1)
+        span = max(1, self.max_epochs - self.warmup)
+        return self.base_lr * (1 - min(epoch - self.warmup, span - 1) / span) ** 0.9
+
+    def step(self, epoch: int) -> None:
+        lr = self.lr_at(epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_factor", 1.0)
+
+
+class SSLFinetuneTrainer(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ft = dict(self.configuration_manager.configuration.get("ssl3d_finetune", {}))
+        self.num_epochs = int(self.ft.get("num_epochs", self.num_epochs))
+        self.num_iterations_per_epoch = int(self.ft.get("num_iterations_per_epoch", self.num_iterations_per_epoch))
+        self.num_val_iterations_per_epoch = int(self.ft.get("num_val_iterations_per_epoch",
+                                                            self.num_val_iterations_per_epoch))
+        self.warmup_epochs = int(self.ft.get("warmup_epochs", max(1, self.num_epochs // 20)))
+        self.warmup_mode = self.ft.get("warmup", "linear")
+        self.encoder_lr_factor = float(self.ft.get("encoder_lr_factor", 1.0))
+        self.save_every = int(self.ft.get("save_every", self.save_every))
+        self.use_adamw = self.ft.get("optimizer", "auto") == "adamw" or (
+            self.ft.get("optimizer", "auto") == "auto"
+            and self.configuration_manager.network_arch_class_name.split(".")[-1] in TRANSFORMER_CLASSES)
+        if self.use_adamw:
+            self.initial_lr = float(self.ft.get("lr", 3e-4))
+            self.weight_decay = float(self.ft.get("weight_decay", 0.05))
+        elif "lr" in self.ft:
+            self.initial_lr = float(self.ft["lr"])
+
+    def _network_module(self):
+        mod = self.network.module if self.is_ddp else self.network
+        return getattr(mod, "_orig_mod", mod)
+
+    def configure_optimizers(self):
+        enc, rest = [], []
+        for name, p in self._network_module().named_parameters():
+            (enc if name.startswith("encoder.") else rest).append(p)
+        groups = [{"params": enc, "lr_factor": self.encoder_lr_factor}, {"params": rest, "lr_factor": 1.0}]
+        if self.use_adamw:
+            opt = torch.optim.AdamW(groups, self.initial_lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                  nesterov=True)
+        return opt, WarmupPoly(opt, self.initial_lr, self.num_epochs, self.warmup_epochs)
+
+    def on_train_epoch_start(self):
+        frozen = self.warmup_mode == "decoder" and self.current_epoch < self.warmup_epochs
+        for name, p in self._network_module().named_parameters():
+            if name.startswith("encoder."):
+                p.requires_grad_(not frozen)
+        if frozen:
+            self.print_to_log_file("decoder-only warm-up: encoder frozen this epoch")
+        super().on_train_epoch_start()
+
+    def do_split(self):
+        self._maybe_small_dataset_splits()
+        tr, val = super().do_split()
+        subset = few_shot_subset(list(tr), self.fold, self.ft.get("n_train"), self.ft.get("fraction"))
+        if len(subset) != len(tr):
+            self.print_to_log_file(f"few-shot: training on {len(subset)} of {len(tr)} cases: {subset}")
+        return subset, val
+
+    def _maybe_small_dataset_splits(self) -> None:
+        """nnU-Net's 5-fold split needs >= 5 cases; tiny labeled sets get leave-one-out folds instead."""
+        import os
+
+        from batchgenerators.utilities.file_and_folder_operations import save_json
+
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+        splits_file = os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json")
+        if self.fold == "all" or os.path.isfile(splits_file):
+            return
+        ids = sorted(infer_dataset_class(self.preprocessed_dataset_folder).get_identifiers(
+            self.preprocessed_dataset_folder))
+        if 2 <= len(ids) < 5:
+            self.print_to_log_file(f"only {len(ids)} cases: writing a {len(ids)}-fold (leave-one-out) split")
+            save_json(generate_crossval_split(ids, seed=12345, n_splits=len(ids)), splits_file)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.ft.get("final_validation", True):
+            return super().perform_actual_validation(save_probabilities)
+        self.print_to_log_file("final validation skipped (ssl3d_finetune.final_validation = false)")
