@@ -5,3 +5,4 @@ in ``nnUNetv2_train`` and at prediction time; the classes themselves live in the
 """
 from ssl3d.training.finetune import SSLFinetuneTrainer  # noqa: F401
 from ssl3d.training.pretrainer import HySparKPretrainer, MAEPretrainer, SparKPretrainer  # noqa: F401
+from ssl3d.training.medcontext import MedContextTrainer  # noqa: F401

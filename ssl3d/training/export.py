@@ -54,14 +54,16 @@ def load_pretrained_method(folder: Path, checkpoint: Path) -> tuple[SSLMethod, d
         kwargs["backend"] = "reference"
     method = build_method(info["name"], plans, cfg, n_channels, **kwargs)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
-    result = method.load_state_dict(state, strict=False)
     own = method.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or wrong:
+    if missing or unexpected or wrong:
         raise EncoderMismatchError(
             f"checkpoint does not match the '{info['name']}' network described by ssl_method.json "
-            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, {len(wrong)} wrong-shape "
-            f"keys, e.g. {(result.missing_keys + result.unexpected_keys + wrong)[:2]})", checkpoint)
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong-shape keys, "
+            f"e.g. {(missing + unexpected + wrong)[:2]})", checkpoint)
+    method.load_state_dict(state, strict=True)
     return method, plans, info
 
 

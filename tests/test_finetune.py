@@ -1,0 +1,154 @@
+"""Fine-tuning with stock nnU-Net: exported weights, ssl_finetune, stock predict, mismatches, few-shot, MedContext."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ssl3d.training.export import EncoderMismatchError, build_downstream, transfer_encoder
+from ssl3d.training.finetune import few_shot_subset
+from ssl3d.training.medcontext import ema_momentum, mask_cells, relative_consistency
+
+BIN = Path(sys.executable).parent
+
+
+def sh(args, env, timeout=900):
+    r = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (args, r.stdout[-1500:], r.stderr[-3000:])
+    return r
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Tiny demo data -> pool -> 1-epoch tiny SparK pretraining -> ssl_finetune --prepare-only on Dataset802."""
+    root = tmp_path_factory.mktemp("ft")
+    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+               nnUNet_results=str(root / "res"), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+    for k in ("pre", "res"):
+        (root / k).mkdir()
+    sh(["ssl_make_demo_data", "-o", str(root / "raw"), "--size", "tiny", "-nu", "4", "-nl", "5", "--no-progress"], env)
+    sh(["ssl_plan_and_preprocess", "-d", "801", "-np", "1", "--no-progress", "--patch-size", "16", "32", "32"], env)
+    sh(["ssl_pretrain", "-d", "801", "-m", "spark", "-device", "cpu", "--size", "tiny", "--epochs", "1", "--iters",
+        "2", "--val-iters", "1", "--no-progress"], env)
+    results = root / "res" / "Dataset801_SynthCTPool" / "SparKPretrainer__ssl3dPlans__3d_fullres"
+    sh(["ssl_finetune", "-d", "802", "-p", str(results), "-device", "cpu", "--epochs", "1", "--iters", "2",
+        "--val-iters", "1", "--no-final-val", "-np", "1", "--prepare-only"], env)
+    return {"root": root, "env": env, "results": results,
+            "pre": root / "pre" / "Dataset802_SynthCTOrgans"}
+
+
+def test_exported_weights_load_with_nnunets_loader(pretrained):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    plans = json.loads((pretrained["pre"] / "ssl3d_sparkPlans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    assert arch["network_class_name"].endswith("ResidualEncoderUNet")
+    weights = pretrained["pre"] / "ssl3d_sparkPlans__pretrained_weights.pth"
+    net = build_downstream(arch, 1, 8)
+    load_pretrained_weights(net, str(weights))
+    ckpt = torch.load(pretrained["results"] / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                      weights_only=False)["network_weights"]
+    enc = {k: v for k, v in ckpt.items() if k.startswith("encoder.")}
+    assert len(enc) > 10
+    sd = net.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in enc.items()), "encoder at step 0 must equal the pretrained one"
+    saved = torch.load(weights, weights_only=False)["network_weights"]
+    assert all(v.device.type == "cpu" for v in saved.values())
+
+
+def test_stock_train_and_predict(pretrained, tmp_path):
+    env = pretrained["env"]
+    r = sh(["ssl_finetune", "-d", "802", "-p", str(pretrained["results"]), "-device", "cpu", "--epochs", "1",
+            "--iters", "2", "--val-iters", "1", "--no-final-val", "-np", "1"], env)
+    assert "Loading pretrained weights" in r.stdout + r.stderr
+    out = pretrained["root"] / "res" / "Dataset802_SynthCTOrgans" / "SSLFinetuneTrainer__ssl3d_sparkPlans__3d_fullres"
+    assert (out / "fold_0" / "checkpoint_final.pth").is_file()
+    images = pretrained["root"] / "raw" / "Dataset802_SynthCTOrgans" / "imagesTr"
+    src = sorted(images.glob("*_0000.nii.gz"))[0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / src.name).symlink_to(src)
+    penv = dict(env, nnUNet_extTrainer=sh(["ssl_nnunet_ext_path"], env).stdout.strip())
+    sh(["nnUNetv2_predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "802", "-c",
+        "3d_fullres", "-p", "ssl3d_sparkPlans", "-tr", "SSLFinetuneTrainer", "-f", "0", "-device", "cpu",
+        "--disable_tta", "-npp", "1", "-nps", "1"], penv)
+    pred = sitk.ReadImage(str(tmp_path / "out" / src.name.replace("_0000.nii.gz", ".nii.gz")))
+    img = sitk.ReadImage(str(src))
+    assert pred.GetSize() == img.GetSize() and pred.GetSpacing() == img.GetSpacing()
+    assert pred.GetDirection() == img.GetDirection() and pred.GetOrigin() == img.GetOrigin()
+
+
+def test_mismatched_encoder_fails_loudly(pretrained, tmp_path, capsys):
+    plans = json.loads((pretrained["pre"] / "ssl3d_sparkPlans.json").read_text())
+    arch = json.loads(json.dumps(plans["configurations"]["3d_fullres"]["architecture"]))
+    arch["arch_kwargs"]["features_per_stage"] = [c * 2 for c in arch["arch_kwargs"]["features_per_stage"]]
+    net = build_downstream(arch, 1, 2)
+    enc = torch.load(pretrained["pre"] / "ssl3d_sparkPlans__pretrained_weights.pth",
+                     weights_only=False)["network_weights"]
+    with pytest.raises(EncoderMismatchError, match="shape mismatches"):
+        transfer_encoder(net, {k: v for k, v in enc.items() if k.startswith("encoder.")})
+    with pytest.raises(EncoderMismatchError, match="no pretrained encoder weights"):
+        transfer_encoder(net, {})
+    # a results folder whose description does not match its checkpoint: one line, exit code 2
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(pretrained["results"], bad)
+    info = json.loads((bad / "ssl_method.json").read_text())
+    info["method_kwargs"] = {}
+    (bad / "ssl_method.json").write_text(json.dumps(info))
+    from ssl3d.cli.finetune import export_main
+
+    rc = export_main(["-p", str(bad), "-o", str(tmp_path / "w.pth")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "checkpoint does not match" in err and "Traceback" not in err
+    assert not (tmp_path / "w.pth").exists()
+
+
+def test_few_shot_subsets_are_deterministic_nested_and_from_training_only():
+    train = [f"case{i:02d}" for i in range(20)]
+    a, b = few_shot_subset(train, 0, n_train=5), few_shot_subset(train, 0, n_train=5)
+    assert a == b and len(a) == 5 and set(a) <= set(train)
+    assert set(few_shot_subset(train, 0, n_train=3)) <= set(a), "growing K keeps earlier cases"
+    assert len(few_shot_subset(train, 0, fraction=0.25)) == 5
+    assert few_shot_subset(train, 1, n_train=5) != a
+    with pytest.raises(ValueError):
+        few_shot_subset(train, 0, n_train=21)
+
+
+def test_medcontext_ema_schedule_on_global_step():
+    assert ema_momentum(0, 1000) == pytest.approx(0.996)
+    assert ema_momentum(1000, 1000) == pytest.approx(1.0)
+    assert ema_momentum(500, 1000) == pytest.approx(0.998)
+    vals = [ema_momentum(s, 1000) for s in range(0, 1001, 50)]
+    assert all(b >= a for a, b in zip(vals, vals[1:]))
+    # epoch 3, iteration 7 of 250 is global step 757, whatever the batch index inside the epoch says
+    assert ema_momentum(3 * 250 + 7, 10 * 250) != ema_momentum(7, 10 * 250)
+
+
+def test_medcontext_masks_and_consistency_term():
+    x = torch.randn(4, 1, 16, 32, 32)
+    token = torch.full((1,), 7.0)
+    xm, vis = mask_cells(x, (4, 8, 8), 0.4, token, torch.Generator().manual_seed(0))
+    n = vis[0].numel()
+    assert (vis.flatten(1).sum(1) == n - round(0.4 * n)).all()
+    assert len({tuple(v.flatten().tolist()) for v in vis}) == 4, "one mask per sample"
+    assert ((xm == 7.0).float().mean() - 0.4).abs() < 0.02
+    t = torch.randn(2, 3, 4, 4, 4)
+    assert relative_consistency(t, t) == 0
+    assert relative_consistency(2 * t, t) == pytest.approx(1.0)
+    assert relative_consistency(torch.zeros_like(t), t) == pytest.approx(1.0)
+
+
+def test_medcontext_trains_with_stock_nnunet(pretrained):
+    env = dict(pretrained["env"], nnUNet_extTrainer=sh(["ssl_nnunet_ext_path"], pretrained["env"]).stdout.strip())
+    weights = pretrained["pre"] / "ssl3d_sparkPlans__pretrained_weights.pth"
+    sh(["nnUNetv2_train", "802", "3d_fullres", "0", "-p", "ssl3d_sparkPlans", "-tr", "MedContextTrainer",
+        "-device", "cpu", "-pretrained_weights", str(weights)], env)
+    out = pretrained["root"] / "res" / "Dataset802_SynthCTOrgans" / "MedContextTrainer__ssl3d_sparkPlans__3d_fullres"
+    ckpt = torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert "medcontext" in ckpt and ckpt["medcontext"]["mask_token"].shape == (1,)
+    assert ckpt["current_epoch"] == 1
