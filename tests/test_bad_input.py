@@ -1,7 +1,6 @@
 """Every bad input gets one line naming the file, exit code 2, no traceback and no output written."""
 import gzip
 import json
-import shutil
 import struct
 
 import numpy as np

@@ -152,3 +152,29 @@ def test_medcontext_trains_with_stock_nnunet(pretrained):
     ckpt = torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert "medcontext" in ckpt and ckpt["medcontext"]["mask_token"].shape == (1,)
     assert ckpt["current_epoch"] == 1
+
+
+@pytest.mark.parametrize("method", ["mae", "hyspark", "spark"])
+def test_every_method_has_a_downstream_network_taking_its_encoder(method):
+    from test_pretraining import tiny_method
+
+    m = tiny_method(method)
+    arch = m.downstream_architecture()
+    net = build_downstream(arch, 1, 3)
+    assert transfer_encoder(net, m.downstream_state_dict()) > 0
+    sd = net.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in m.downstream_state_dict().items())
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        out = net(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    assert out.shape == (1, 3, 16, 32, 32)
+
+
+def test_few_shot_never_touches_validation_cases():
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    keys = [f"c{i:02d}" for i in range(12)]
+    for fold, split in enumerate(generate_crossval_split(keys, seed=12345, n_splits=5)):
+        sub = few_shot_subset(split["train"], fold, n_train=4)
+        assert not set(sub) & set(split["val"])

@@ -120,6 +120,31 @@ class PatchEmbed3d(nn.Module):
         return y.flatten(2).transpose(1, 2), grid  # (B, N, dim)
 
 
+class ViTEncoder(nn.Module):
+    """Patch embedding + sin-cos positions + transformer; with a mask only the visible patches are encoded."""
+
+    def __init__(self, in_channels: int, dim: int, depth: int, patch: Sequence[int]):
+        super().__init__()
+        self.patch_embed = PatchEmbed3d(in_channels, dim, patch)
+        self.blocks = TransformerStack(dim, depth, num_heads_for(dim))
+        self.blocks.apply(init_vit_weights)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None):
+        """No mask: feature map ``(B, dim, *grid)``. With ``visible (B, *grid)``: ``(feats (B, M, dim), vis, grid)``
+        where ``vis`` are the per-sample visible-token indices (exact counts, padded)."""
+        from ssl3d.sparse.masks import visible_token_indices
+
+        tokens, grid = self.patch_embed(x)
+        tokens = tokens + sincos_position_embedding(grid, tokens.shape[-1], tokens.device).to(tokens.dtype)
+        if visible is None:
+            return self.blocks(tokens).transpose(1, 2).reshape(x.shape[0], self.dim, *grid)
+        if tuple(visible.shape[1:]) != grid:
+            raise ValueError(f"mask grid {tuple(visible.shape[1:])} does not match the token grid {grid}")
+        vis = visible_token_indices(visible)
+        return self.blocks(gather_tokens(tokens, vis.index), vis.padding), vis, grid
+
+
 def num_heads_for(dim: int, head_dim: int = 64) -> int:
     """Heads so that each has about ``head_dim`` channels and divides ``dim``."""
     h = max(1, round(dim / head_dim))

@@ -17,7 +17,8 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-TRANSFORMER_CLASSES = ("HybridUNet", "Primus")
+TRANSFORMER_CLASSES = ("HybridUNet", "ViTSegNet", "Primus")
+SINGLE_OUTPUT_CLASSES = ("ViTSegNet",)  # no multi-scale outputs: deep supervision off
 
 
 def few_shot_subset(train_keys: list[str], fold: int | str, n_train: int | None = None,
@@ -65,6 +66,8 @@ class SSLFinetuneTrainer(nnUNetTrainer):
         self.warmup_mode = self.ft.get("warmup", "linear")
         self.encoder_lr_factor = float(self.ft.get("encoder_lr_factor", 1.0))
         self.save_every = int(self.ft.get("save_every", self.save_every))
+        if self.configuration_manager.network_arch_class_name.split(".")[-1] in SINGLE_OUTPUT_CLASSES:
+            self.enable_deep_supervision = False
         self.use_adamw = self.ft.get("optimizer", "auto") == "adamw" or (
             self.ft.get("optimizer", "auto") == "auto"
             and self.configuration_manager.network_arch_class_name.split(".")[-1] in TRANSFORMER_CLASSES)

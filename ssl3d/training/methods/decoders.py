@@ -6,7 +6,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ssl3d.architectures.vit import patchify, unpatchify
 from ssl3d.sparse import upsample_mask
+from ssl3d.training.losses import denormalize_prediction, masked_cell_mse
+from ssl3d.training.methods.base import SSLMethod
 
 
 def conv_norm_act(c_in: int, c_out: int, k: int = 3) -> nn.Sequential:
@@ -72,3 +75,29 @@ class LightUNetDecoder(nn.Module):
 def decoder_widths(features: Sequence[int], factor: float = 0.5, minimum: int = 16) -> list[int]:
     """Light decoder: half the encoder width per level (at least ``minimum``)."""
     return [max(minimum, int(c * factor)) for c in features]
+
+
+class DensifyDecoderMethod(SSLMethod):
+    """Masked CNN methods (SparK, HySparK): ``encode`` -> densify -> decoder -> per-cell normalized MSE.
+
+    Subclasses set ``self.encoder``, ``self.densify`` and ``self.decoder`` and implement ``encode``.
+    """
+
+    def encode(self, x: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _predict(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.densify(self.encode(x, visible), visible))
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return masked_cell_mse(self._predict(x, visible), x, visible, self.cell_size)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        pred = denormalize_prediction(patchify(self._predict(x, visible), self.cell_size), x, self.cell_size)
+        image = unpatchify(pred, self.cell_size, visible.shape[1:], x.shape[1]).to(x.dtype)
+        keep = torch.nn.functional.interpolate(visible[:, None].float(), size=x.shape[2:], mode="nearest").bool()
+        return torch.where(keep, x, image)
+
+    def downstream_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}

@@ -11,13 +11,11 @@ from typing import Sequence
 import torch
 
 from ssl3d.architectures.hybrid import HybridEncoder, hybrid_arch_kwargs
-from ssl3d.architectures.vit import patchify, unpatchify
-from ssl3d.training.losses import denormalize_prediction, masked_cell_mse
-from ssl3d.training.methods.base import SSLMethod, register_method
-from ssl3d.training.methods.decoders import Densify, LightUNetDecoder, decoder_widths
+from ssl3d.training.methods.base import register_method
+from ssl3d.training.methods.decoders import Densify, DensifyDecoderMethod, LightUNetDecoder, decoder_widths
 
 
-class HySparK3D(SSLMethod):
+class HySparK3D(DensifyDecoderMethod):
     name = "hyspark"
 
     def __init__(self, arch_kwargs: dict, in_channels: int, patch_size: Sequence[int], junction_stride: Sequence[int],
@@ -32,22 +30,6 @@ class HySparK3D(SSLMethod):
 
     def encode(self, x: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:
         return self.encoder(x, visible)
-
-    def _predict(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.densify(self.encode(x, visible), visible))
-
-    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        return masked_cell_mse(self._predict(x, visible), x, visible, self.cell_size)
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        pred = denormalize_prediction(patchify(self._predict(x, visible), self.cell_size), x, self.cell_size)
-        image = unpatchify(pred, self.cell_size, visible.shape[1:], x.shape[1]).to(x.dtype)
-        keep = torch.nn.functional.interpolate(visible[:, None].float(), size=x.shape[2:], mode="nearest").bool()
-        return torch.where(keep, x, image)
-
-    def downstream_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
 
     def downstream_architecture(self) -> dict:
         return {"network_class_name": "ssl3d.architectures.hybrid.HybridUNet", "arch_kwargs": dict(self.arch_kwargs),

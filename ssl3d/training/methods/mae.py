@@ -10,9 +10,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ssl3d.architectures.vit import (PatchEmbed3d, TransformerStack, gather_tokens, init_vit_weights, num_heads_for,
-                                     patchify, scatter_tokens, sincos_position_embedding, unpatchify)
-from ssl3d.sparse.masks import visible_token_indices
+from ssl3d.architectures.vit import (TransformerStack, ViTEncoder, init_vit_weights, num_heads_for, patchify,
+                                     scatter_tokens, sincos_position_embedding, unpatchify)
 from ssl3d.training.losses import denormalize_prediction, masked_patch_mse
 from ssl3d.training.methods.base import SSLMethod, register_method
 
@@ -28,8 +27,7 @@ class MAE3d(SSLMethod):
         super().__init__(patch_size, token_patch)
         self.in_channels = in_channels
         self.arch = {"dim": dim, "depth": depth, "decoder_dim": decoder_dim, "decoder_depth": decoder_depth}
-        self.patch_embed = PatchEmbed3d(in_channels, dim, token_patch)
-        self.encoder = TransformerStack(dim, depth, num_heads_for(dim))
+        self.encoder = ViTEncoder(in_channels, dim, depth, token_patch)
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
         self.decoder = TransformerStack(decoder_dim, decoder_depth, num_heads_for(decoder_dim, 32))
@@ -39,13 +37,7 @@ class MAE3d(SSLMethod):
 
     def encode(self, x: torch.Tensor, visible: torch.Tensor):
         """Encoder features of the visible patches only: ``(B, M, dim)``, plus the index structure and grid."""
-        tokens, grid = self.patch_embed(x)
-        if tuple(visible.shape[1:]) != grid:
-            raise ValueError(f"mask grid {tuple(visible.shape[1:])} does not match the token grid {grid}")
-        tokens = tokens + sincos_position_embedding(grid, tokens.shape[-1], tokens.device).to(tokens.dtype)
-        vis = visible_token_indices(visible)
-        feats = self.encoder(gather_tokens(tokens, vis.index), vis.padding)
-        return feats, vis, grid
+        return self.encoder(x, visible)
 
     def _predict(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         feats, vis, grid = self.encode(x, visible)
@@ -68,8 +60,12 @@ class MAE3d(SSLMethod):
         return torch.where(keep, x, image.to(x.dtype))
 
     def downstream_state_dict(self) -> dict[str, torch.Tensor]:
-        keep = ("patch_embed.", "encoder.")
-        return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(keep)}
+        return {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
+
+    def downstream_architecture(self) -> dict:
+        return {"network_class_name": "ssl3d.architectures.vit_unet.ViTSegNet", "_kw_requires_import": [],
+                "arch_kwargs": {"patch_size": list(self.cell_size), "dim": self.arch["dim"],
+                                "depth": self.arch["depth"]}}
 
     def config(self) -> dict:
         return {**super().config(), **self.arch}

@@ -12,10 +12,8 @@ from typing import Sequence
 import torch
 
 from ssl3d.sparse import sparse_forward, sparsify
-from ssl3d.training.losses import denormalize_prediction, masked_cell_mse
-from ssl3d.training.methods.base import SSLMethod, register_method
-from ssl3d.training.methods.decoders import Densify, LightUNetDecoder, decoder_widths
-from ssl3d.architectures.vit import patchify, unpatchify
+from ssl3d.training.methods.base import register_method
+from ssl3d.training.methods.decoders import Densify, DensifyDecoderMethod, LightUNetDecoder, decoder_widths
 
 
 def resolve_arch_kwargs(architecture: dict) -> dict:
@@ -34,7 +32,7 @@ def build_downstream_unet(architecture: dict, in_channels: int, num_classes: int
                                **resolve_arch_kwargs(architecture))
 
 
-class SparK3D(SSLMethod):
+class SparK3D(DensifyDecoderMethod):
     name = "spark"
 
     def __init__(self, architecture: dict, in_channels: int, patch_size: Sequence[int], cell_size: Sequence[int],
@@ -53,23 +51,6 @@ class SparK3D(SSLMethod):
     def encode(self, x: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:
         """Per-stage encoder features; with a mask only visible voxels are computed (masked ones are 0)."""
         return sparse_forward(self.encoder, x, visible)
-
-    def _predict(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.densify(self.encode(x, visible), visible))
-
-    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        return masked_cell_mse(self._predict(x, visible), x, visible, self.cell_size)
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        pred = denormalize_prediction(patchify(self._predict(x, visible), self.cell_size), x, self.cell_size)
-        grid = visible.shape[1:]
-        image = unpatchify(pred, self.cell_size, grid, x.shape[1]).to(x.dtype)
-        keep = torch.nn.functional.interpolate(visible[:, None].float(), size=x.shape[2:], mode="nearest").bool()
-        return torch.where(keep, x, image)
-
-    def downstream_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
 
     def downstream_architecture(self) -> dict:
         return self.architecture
