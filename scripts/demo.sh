@@ -8,6 +8,7 @@ export nnUNet_preprocessed="$DEMO_DIR/nnUNet_preprocessed"
 export nnUNet_results="$DEMO_DIR/nnUNet_results"
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
 NP="${DEMO_NP:-2}"
+export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-1}"  # data-augmentation workers; nnU-Net would guess from the hostname
 
 echo "== 1/5 synthetic CT data -> $nnUNet_raw"
 ssl_make_demo_data -o "$nnUNet_raw" --seed 0 --n-unlabeled 16 --n-labeled 8 --size small
