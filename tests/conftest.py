@@ -1,3 +1,11 @@
+import os
+
+# Triton reads TRITON_INTERPRET when it is imported (by any test or by torch), so the interpreter that runs
+# the Triton kernel tests on CPU must be switched on before anything else; no GPU here, no effect elsewhere
+# ("auto" never picks Triton for CPU tensors).
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 from pathlib import Path
 

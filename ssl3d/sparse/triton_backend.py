@@ -35,13 +35,24 @@ def _kernels():
     return _tk
 
 
+def interpreter_active() -> bool:
+    """CPU tensors can run: triton's own ``@jit`` helpers (``tl.zeros``...) were built in interpreter mode.
+
+    Triton decides that when it is imported, so ``TRITON_INTERPRET=1`` set afterwards is not enough.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1" or _kernels() is None:
+        return False
+    import triton.language as tl
+    return type(tl.zeros).__name__ == "InterpretedFunction"
+
+
 def available(device: torch.device | None = None) -> bool:
     """Triton can run here: CUDA present, or the interpreter enabled for CPU tensors."""
     if _kernels() is None:
         return False
     if device is not None and device.type == "cuda":
         return torch.cuda.is_available()
-    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+    return interpreter_active() or torch.cuda.is_available()
 
 
 def supports(weight: torch.Tensor, stride, padding, dilation, groups: int, lay_in: Layout | None,
@@ -53,7 +64,7 @@ def supports(weight: torch.Tensor, stride, padding, dilation, groups: int, lay_i
     co, ci_g = weight.shape[:2]
     if groups != 1 and not (ci_g == 1 and co == groups):
         return False
-    if not weight.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not weight.is_cuda and not interpreter_active():
         return False
     return True
 
