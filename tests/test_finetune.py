@@ -81,6 +81,24 @@ def test_stock_train_and_predict(pretrained, tmp_path):
     assert pred.GetDirection() == img.GetDirection() and pred.GetOrigin() == img.GetOrigin()
 
 
+@pytest.mark.parametrize("method,trainer", [("hyspark", "HySparKPretrainer"), ("mae", "MAEPretrainer")])
+def test_stock_training_of_hybrid_and_vit_downstream_networks(pretrained, method, trainer):
+    """HybridUNet (deep supervision) and ViTSegNet go through stock nnUNetv2_train with their encoders loaded."""
+    env = pretrained["env"]
+    sh(["ssl_pretrain", "-d", "801", "-m", method, "-device", "cpu", "--size", "tiny", "--epochs", "1", "--iters",
+        "1", "--val-iters", "1", "--no-progress"], env)
+    results = pretrained["root"] / "res" / "Dataset801_SynthCTPool" / f"{trainer}__ssl3dPlans__3d_fullres"
+    r = sh(["ssl_finetune", "-d", "802", "-p", str(results), "-device", "cpu", "--epochs", "1", "--iters", "2",
+            "--val-iters", "1", "--no-final-val", "-np", "1"], env)
+    assert "Loading pretrained weights" in r.stdout + r.stderr
+    out = (pretrained["root"] / "res" / "Dataset802_SynthCTOrgans" /
+           f"SSLFinetuneTrainer__ssl3d_{method}Plans__3d_fullres" / "fold_0")
+    ckpt = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["current_epoch"] == 1
+    plans = json.loads((pretrained["pre"] / f"ssl3d_{method}Plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["ssl3d_finetune"]["method"] == method
+
+
 def test_mismatched_encoder_fails_loudly(pretrained, tmp_path, capsys):
     plans = json.loads((pretrained["pre"] / "ssl3d_sparkPlans.json").read_text())
     arch = json.loads(json.dumps(plans["configurations"]["3d_fullres"]["architecture"]))

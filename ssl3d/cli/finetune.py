@@ -128,6 +128,8 @@ def _run(args: argparse.Namespace) -> int:
         export_weights(args.p, weights, num_classes=n_classes)
         cmd += ["-pretrained_weights", str(weights)]
     env = dict(os.environ, nnUNet_extTrainer=ext_trainer_path())
+    # nnU-Net's final validation otherwise spawns 8 export workers whatever the machine has
+    env.setdefault("nnUNet_def_n_proc", str(args.np))
     logger.info("export nnUNet_extTrainer=%s", env["nnUNet_extTrainer"])
     logger.info("%s", " ".join(cmd))
     if args.prepare_only:
