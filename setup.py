@@ -26,6 +26,7 @@ setup(
             "ssl_plan_and_preprocess=ssl3d.cli.plan_and_preprocess:main",
             "ssl_pretrain=ssl3d.cli.pretrain:main",
             "ssl_finetune=ssl3d.cli.finetune:main",
+            "ssl_predict=ssl3d.cli.predict:main",
             "ssl_export_weights=ssl3d.cli.finetune:export_main",
             "ssl_nnunet_ext_path=ssl3d.cli.finetune:ext_path_main",
         ]

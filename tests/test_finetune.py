@@ -79,6 +79,25 @@ def test_stock_train_and_predict(pretrained, tmp_path):
     img = sitk.ReadImage(str(src))
     assert pred.GetSize() == img.GetSize() and pred.GetSpacing() == img.GetSpacing()
     assert pred.GetDirection() == img.GetDirection() and pred.GetOrigin() == img.GetOrigin()
+    # the thin wrapper finds the model by itself and gives the same segmentation
+    sh(["ssl_predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out2"), "-d", "802", "-device", "cpu",
+        "--", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    pred2 = sitk.ReadImage(str(tmp_path / "out2" / src.name.replace("_0000.nii.gz", ".nii.gz")))
+    assert (sitk.GetArrayFromImage(pred2) == sitk.GetArrayFromImage(pred)).all()
+
+
+def test_ssl_predict_bad_input_is_one_line(pretrained, tmp_path):
+    env = pretrained["env"]
+    for args, msg in [(["-i", str(tmp_path / "nope")], "input folder does not exist"),
+                      (["-i", str(tmp_path), "-p", "ssl3d_nonePlans"], "no images named"),]:
+        r = subprocess.run([str(BIN / "ssl_predict"), *args, "-o", str(tmp_path / "o"), "-d", "802"], env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "a_0000.nii.gz").write_bytes(b"")
+    r = subprocess.run([str(BIN / "ssl_predict"), "-i", str(tmp_path), "-o", str(tmp_path / "o"), "-d", "802",
+                        "-p", "ssl3d_nonePlans"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "no fine-tuned model here" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("method,trainer", [("hyspark", "HySparKPretrainer"), ("mae", "MAEPretrainer")])

@@ -28,6 +28,18 @@ def ext_trainer_path() -> str:
     return os.pathsep.join([str(EXT_DIR)] + [p for p in current if p != str(EXT_DIR)])
 
 
+def run_nnunet(cmd: list[str], env_defaults: dict | None = None, dry_run: bool = False) -> int:
+    """Run a stock nnU-Net command (from this environment's bin folder) with ssl3d's trainer shims visible."""
+    env = {**(env_defaults or {}), **os.environ, "nnUNet_extTrainer": ext_trainer_path()}
+    logger.info("export nnUNet_extTrainer=%s", env["nnUNet_extTrainer"])
+    logger.info("%s", " ".join(cmd))
+    if dry_run:
+        return 0
+    bin_dir = Path(sys.executable).parent
+    exe = str(bin_dir / cmd[0]) if (bin_dir / cmd[0]).exists() else cmd[0]
+    return subprocess.run([exe, *cmd[1:]], env=env).returncode
+
+
 def finetune_plans(pretrain_plans: dict, architecture: dict, dataset_name: str, plans_name: str,
                    options: dict) -> dict:
     """The pretraining plans re-targeted to a labeled dataset.
@@ -127,16 +139,8 @@ def _run(args: argparse.Namespace) -> int:
         weights = target / f"{plans_name}__pretrained_weights.pth"
         export_weights(args.p, weights, num_classes=n_classes)
         cmd += ["-pretrained_weights", str(weights)]
-    env = dict(os.environ, nnUNet_extTrainer=ext_trainer_path())
     # nnU-Net's final validation otherwise spawns 8 export workers whatever the machine has
-    env.setdefault("nnUNet_def_n_proc", str(args.np))
-    logger.info("export nnUNet_extTrainer=%s", env["nnUNet_extTrainer"])
-    logger.info("%s", " ".join(cmd))
-    if args.prepare_only:
-        return 0
-    bin_dir = Path(sys.executable).parent
-    cmd[0] = str(bin_dir / cmd[0]) if (bin_dir / cmd[0]).exists() else cmd[0]
-    return subprocess.run(cmd, env=env).returncode
+    return run_nnunet(cmd, {"nnUNet_def_n_proc": str(args.np)}, dry_run=args.prepare_only)
 
 
 def main(argv: list[str] | None = None) -> int:

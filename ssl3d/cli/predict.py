@@ -1,0 +1,79 @@
+"""``ssl_predict``: stock ``nnUNetv2_predict`` on an ssl3d fine-tuning result, with the trainer shims found.
+
+``ssl_predict -i images/ -o out/ -d 802`` finds the fine-tuned model under ``$nnUNet_results`` (trainer
+``SSLFinetuneTrainer`` unless ``-tr``; plans picked automatically when only one ssl3d plans was fine-tuned,
+else ``-p``), sets ``nnUNet_extTrainer`` and runs nnU-Net's own predictor. Arguments after ``--`` go to
+``nnUNetv2_predict`` unchanged (e.g. ``-- --disable_tta -npp 1``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ssl3d.cli.common import run_cli
+from ssl3d.cli.finetune import run_nnunet
+from ssl3d.utils import BadInputError, env_dir
+
+logger = logging.getLogger("ssl3d")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssl_predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", required=True, help="folder of images in nnU-Net naming (case_0000.nii.gz ...)")
+    p.add_argument("-o", required=True, help="output folder for the segmentations")
+    p.add_argument("-d", required=True, help="dataset the model was fine-tuned on (id or name)")
+    p.add_argument("-p", default=None, help="plans identifier, e.g. ssl3d_sparkPlans (default: the only one)")
+    p.add_argument("-tr", default="SSLFinetuneTrainer", help="trainer class (default SSLFinetuneTrainer)")
+    p.add_argument("-f", nargs="+", default=["0"], help="folds to ensemble (default 0)")
+    p.add_argument("-chk", default="checkpoint_final.pth")
+    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
+    p.add_argument("extra", nargs="*", help="after --: passed to nnUNetv2_predict")
+    return p
+
+
+def resolve_model(dataset: str, trainer: str, plans: str | None) -> tuple[Path, str]:
+    """The results folder ``<trainer>__<plans>__3d_fullres`` and its plans identifier."""
+    root = env_dir("nnUNet_results")
+    if root is None:
+        raise BadInputError(None, "set nnUNet_results (the folder ssl_finetune trained into)")
+    base = root / dataset
+    if plans is not None:
+        folder = base / f"{trainer}__{plans}__3d_fullres"
+        if not folder.is_dir():
+            raise BadInputError(folder, "no fine-tuned model here (check -d, -p and -tr)")
+        return folder, plans
+    found = sorted(base.glob(f"{trainer}__*__3d_fullres")) if base.is_dir() else []
+    if not found:
+        raise BadInputError(base, f"no {trainer} results for this dataset; run ssl_finetune first")
+    if len(found) > 1:
+        names = ", ".join(f.name.split("__")[1] for f in found)
+        raise BadInputError(base, f"several fine-tuned plans ({names}); choose one with -p")
+    return found[0], found[0].name.split("__")[1]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    src = Path(args.i)
+    if not src.is_dir():
+        raise BadInputError(src, "input folder does not exist")
+    if not any(src.glob("*_0000.*")):
+        raise BadInputError(src, "no images named <case>_0000.<ext> (nnU-Net's channel naming)")
+    try:
+        dataset = maybe_convert_to_dataset_name(int(args.d) if str(args.d).isdigit() else args.d)
+    except RuntimeError as e:
+        raise BadInputError(None, f"dataset {args.d}: {str(e).splitlines()[0]}") from None
+    folder, plans = resolve_model(dataset, args.tr, args.p)
+    for f in args.f:
+        ckpt = folder / (f"fold_{f}" if f != "all" else "fold_all") / args.chk
+        if not ckpt.is_file():
+            raise BadInputError(ckpt, "checkpoint missing (training not finished for this fold?)")
+    cmd = ["nnUNetv2_predict", "-i", str(src), "-o", args.o, "-d", dataset, "-c", "3d_fullres", "-p", plans,
+           "-tr", args.tr, "-f", *args.f, "-chk", args.chk, "-device", args.device, *args.extra]
+    return run_nnunet(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), _run, argv)
