@@ -199,8 +199,9 @@ def supports(weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
 
 def estimated_speedup(lay_out: Layout, kernel: Sequence[int], stride: Sequence[int], depthwise: bool) -> float:
     """Predicted dense-masked / blocked time for forward+backward, scaled from 2-core CPU measurements at
-    75 % masking (benchmarks/sparse_conv.py): regular k3 stride 1 ~1.3x for cells >= 8 voxels, ~0.7x for
-    4-voxel cells, ~1x for 1-2 voxel cells; stride 2 ~2.8x; depthwise ~5x (dense depthwise backward is slow).
+    75 % masking on a quiet machine (benchmarks/sparse_conv.py): regular k3 stride 1 ~3.3-3.7x for cells of
+    16-32 voxels, ~2.4x for 4-voxel cells, ~1x for 1-2 voxel cells (the halo is most of the window); stride 2
+    ~2.8x; depthwise 7^3 ~5x (dense depthwise backward is slow). The gain scales with the visible fraction.
     """
     frac = lay_out.active_fraction
     if frac == 0.0:
@@ -210,10 +211,10 @@ def estimated_speedup(lay_out: Layout, kernel: Sequence[int], stride: Sequence[i
         base = 5.0
     elif any(s > 1 for s in stride):
         base = 2.8 if cell >= 4 else 1.0
-    elif cell >= 8:
-        base = 1.3
+    elif cell >= 16:
+        base = 3.3
     elif cell >= 4:
-        base = 0.7
+        base = 2.3
     else:
         base = 0.9
     return base * 0.25 / frac
