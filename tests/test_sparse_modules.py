@@ -68,8 +68,14 @@ def test_no_leak_through_whole_encoder(make, backend):
         assert o.features[1].abs().max() == 0                                       # all-masked sample
 
 
-@pytest.mark.parametrize("make", [_resenc, _mednext])
-def test_backends_agree_on_whole_encoder_with_gradients(make):
+@pytest.mark.parametrize("make", [_resenc, lambda: _resenc(nn.BatchNorm3d, "max"), _mednext])
+def test_backends_agree_on_whole_encoder_with_gradients(make, monkeypatch):
+    """The reference (dense-masked) path against the blocked CPU path, whose features stay compact."""
+    from ssl3d.sparse import cpu_backend
+
+    compact_calls = []
+    real = cpu_backend.conv3d_compact
+    monkeypatch.setattr(cpu_backend, "conv3d_compact", lambda *a: compact_calls.append(1) or real(*a))
     torch.manual_seed(2)
     dense = make()
     ref, cpu = sparsify(dense, backend="reference"), sparsify(dense, backend="cpu")
@@ -86,6 +92,7 @@ def test_backends_agree_on_whole_encoder_with_gradients(make):
         results.append(([o.detach() for o in out], xi.grad, {k: p.grad.clone() for k, p in model.named_parameters()}))
         for p in model.parameters():
             p.grad = None
+    assert compact_calls, "the CPU backend should keep features compact between layers"
     (o1, gx1, gp1), (o2, gx2, gp2) = results
     for a, b in zip(o1, o2):
         torch.testing.assert_close(a, b)

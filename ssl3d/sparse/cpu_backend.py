@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .tensor import Layout
+from .tensor import Layout, cells_view
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,6 @@ def _window_mask(plan: BlockPlan, lay_in: Layout, dtype: torch.dtype) -> torch.T
     return m
 
 
-def _cells_view(t: torch.Tensor, cell: Sequence[int]) -> torch.Tensor:
-    """(B, C, D, H, W) -> view (B, gz, gy, gx, C, cz, cy, cx)."""
-    b, c, d, h, w = t.shape
-    return t.view(b, c, d // cell[0], cell[0], h // cell[1], cell[1], w // cell[2], cell[2]).permute(
-        0, 2, 4, 6, 1, 3, 5, 7)
-
-
 class _BlockConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, plan: BlockPlan, lay_in: Layout, stride, groups):
@@ -143,7 +136,7 @@ class _BlockConv(torch.autograd.Function):
         ys = F.conv3d(xs, weight, bias, stride, 0, 1, groups)
         out = x.new_zeros((x.shape[0], weight.shape[0], *plan.out_shape))
         if plan.n:
-            _cells_view(out, plan.cell_out)[plan.idx] = ys
+            cells_view(out, plan.cell_out)[plan.idx] = ys
         ctx.save_for_backward(xs, weight)
         ctx.plan, ctx.lay_in, ctx.stride, ctx.groups = plan, lay_in, stride, groups
         ctx.has_bias = bias is not None
@@ -161,28 +154,86 @@ class _BlockConv(torch.autograd.Function):
             gw = torch.zeros_like(weight) if need_w else None
             gb = gout.new_zeros(weight.shape[0]) if (need_b and ctx.has_bias) else None
             return gx, gw, gb, None, None, None, None
-        gs = _cells_view(gout, plan.cell_out)[plan.idx].contiguous()  # (N, Co, *cell_out)
-        gxs, gw, gb = torch.ops.aten.convolution_backward(
-            gs, xs, weight, [weight.shape[0]] if (need_b and ctx.has_bias) else None, list(ctx.stride),
-            [0, 0, 0], [1, 1, 1], False, [0, 0, 0], ctx.groups, [need_x, need_w, need_b and ctx.has_bias])
+        gs = cells_view(gout, plan.cell_out)[plan.idx].contiguous()  # (N, Co, *cell_out)
+        gxs, gw, gb = _conv_backward(ctx, gs)
         if need_x:
             gxs.mul_(_window_mask(plan, ctx.lay_in, gxs.dtype))
+            gxp = _scatter_windows(gxs, plan, ctx.x_shape)
             b, c, d, h, w = ctx.x_shape
             p = plan.pad
-            gxp = _WS.get("bwd", (b, c, d + p[4] + p[5], h + p[2] + p[3], w + p[0] + p[1]), gout.dtype,
-                          gout.device, zero=True)
-            win, st, per = plan.window, plan.step, plan.period  # type: ignore[attr-defined]
-            ib, iz, iy, ix = plan.idx
-            for (rz, ry, rx), sel in plan.groups_of_blocks:
-                # blocks `period` apart do not overlap: a plain (non-accumulating) put is safe per group
-                v = gxp[:, :, rz * st[0]:, ry * st[1]:, rx * st[2]:]
-                v = v.unfold(2, win[0], st[0] * per[0]).unfold(3, win[1], st[1] * per[1]).unfold(
-                    4, win[2], st[2] * per[2]).permute(0, 2, 3, 4, 1, 5, 6, 7)
-                kz, ky, kx = (iz[sel] - rz) // per[0], (iy[sel] - ry) // per[1], (ix[sel] - rx) // per[2]
-                v.index_put_((ib[sel], kz, ky, kx), gxs[sel] if len(plan.groups_of_blocks) > 1 else gxs,
-                             accumulate=True)
             gx = gxp[:, :, p[4]:p[4] + d, p[2]:p[2] + h, p[0]:p[0] + w].clone()
         return gx, gw, gb, None, None, None, None
+
+
+def _scatter_windows(gxs: torch.Tensor, plan: BlockPlan, x_shape: Sequence[int]) -> torch.Tensor:
+    """Sum the per-block window gradients ``(N, C, *window)`` into a zeroed padded input buffer (reused)."""
+    b, c, d, h, w = x_shape
+    p = plan.pad
+    gxp = _WS.get("bwd", (b, c, d + p[4] + p[5], h + p[2] + p[3], w + p[0] + p[1]), gxs.dtype, gxs.device,
+                  zero=True)
+    win, st, per = plan.window, plan.step, plan.period  # type: ignore[attr-defined]
+    ib, iz, iy, ix = plan.idx
+    for (rz, ry, rx), sel in plan.groups_of_blocks:
+        # blocks `period` apart do not overlap: a plain (non-accumulating) put is safe per group
+        v = gxp[:, :, rz * st[0]:, ry * st[1]:, rx * st[2]:]
+        v = v.unfold(2, win[0], st[0] * per[0]).unfold(3, win[1], st[1] * per[1]).unfold(
+            4, win[2], st[2] * per[2]).permute(0, 2, 3, 4, 1, 5, 6, 7)
+        kz, ky, kx = (iz[sel] - rz) // per[0], (iy[sel] - ry) // per[1], (ix[sel] - rx) // per[2]
+        v.index_put_((ib[sel], kz, ky, kx), gxs[sel] if len(plan.groups_of_blocks) > 1 else gxs, accumulate=True)
+    return gxp
+
+
+def _interior(xp: torch.Tensor, pad: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    return xp[:, :, pad[4]:pad[4] + shape[0], pad[2]:pad[2] + shape[1], pad[0]:pad[0] + shape[2]]
+
+
+def _conv_backward(ctx, gs: torch.Tensor):
+    xs, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return torch.ops.aten.convolution_backward(
+        gs, xs, weight, [weight.shape[0]] if (need_b and ctx.has_bias) else None, list(ctx.stride),
+        [0, 0, 0], [1, 1, 1], False, [0, 0, 0], ctx.groups, [need_x, need_w, need_b and ctx.has_bias])
+
+
+class _BlockConvCompact(torch.autograd.Function):
+    """Compact in, compact out: ``(N_in, C, *cell_in)`` visible input cells -> ``(N_out, Co, *cell_out)``.
+
+    The input cells are put into a zeroed padded scratch volume only to cut the haloed windows; nothing
+    dense is kept for backward, and the input gradient is gathered straight back to compact form.
+    """
+
+    @staticmethod
+    def forward(ctx, xc, weight, bias, plan: BlockPlan, lay_in: Layout, stride, groups, batch: int):
+        p = plan.pad
+        xp = _WS.get("cfwd", (batch, xc.shape[1], *(n + p[4 - 2 * i] + p[5 - 2 * i]
+                                                        for i, n in enumerate(lay_in.shape))),
+                      xc.dtype, xc.device, zero=True)
+        if xc.shape[0]:
+            cells_view(_interior(xp, p, lay_in.shape), lay_in.cell_size)[lay_in.cell_index] = xc
+        xs = _gather_windows(xp, plan)
+        ys = F.conv3d(xs, weight, bias, stride, 0, 1, groups)
+        ctx.save_for_backward(xs, weight)
+        ctx.plan, ctx.lay_in, ctx.stride, ctx.groups, ctx.batch = plan, lay_in, stride, groups, batch
+        ctx.has_bias = bias is not None
+        ctx.n_in = xc.shape[0]
+        return ys
+
+    @staticmethod
+    def backward(ctx, gys):
+        plan: BlockPlan = ctx.plan
+        xs, weight = ctx.saved_tensors
+        if plan.n == 0:
+            gx = gys.new_zeros((ctx.n_in, xs.shape[1], *ctx.lay_in.cell_size)) if ctx.needs_input_grad[0] else None
+            gw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+            gb = gys.new_zeros(weight.shape[0]) if (ctx.needs_input_grad[2] and ctx.has_bias) else None
+            return gx, gw, gb, None, None, None, None, None
+        gxs, gw, gb = _conv_backward(ctx, gys.contiguous())
+        gx = None
+        if ctx.needs_input_grad[0]:
+            lay: Layout = ctx.lay_in
+            gxp = _scatter_windows(gxs, plan, (ctx.batch, xs.shape[1], *lay.shape))
+            gx = cells_view(_interior(gxp, plan.pad, lay.shape), lay.cell_size)[lay.cell_index]
+        return gx, gw, gb, None, None, None, None, None
 
 
 def supports(weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
@@ -227,4 +278,11 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     return _BlockConv.apply(x, weight, bias, plan, lay_in, tuple(stride), groups)
 
 
-__all__ = ["conv3d", "supports", "estimated_speedup", "make_plan", "BlockPlan"]
+def conv3d_compact(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
+                   padding: Sequence[int], groups: int, lay_in: Layout, lay_out: Layout, batch: int) -> torch.Tensor:
+    """Blocked sparse conv on compact features: visible cells of ``lay_in`` -> visible cells of ``lay_out``."""
+    plan = make_plan(lay_in, lay_out, weight.shape[2:], stride, padding)
+    return _BlockConvCompact.apply(xc, weight, bias, plan, lay_in, tuple(stride), groups, batch)
+
+
+__all__ = ["conv3d", "conv3d_compact", "supports", "estimated_speedup", "make_plan", "BlockPlan"]

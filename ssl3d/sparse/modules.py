@@ -13,7 +13,7 @@ from torch import nn
 
 from ssl3d.architectures.mednext import LayerNormCF
 
-from . import ops
+from . import cpu_backend, ops
 from .tensor import SparseTensor
 
 
@@ -40,11 +40,19 @@ class SparseConv3d(_SparseMixin, nn.Conv3d):
             return super().forward(x)
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             raise NotImplementedError("sparse conv supports numeric zero padding only")
-        f = x.features
-        shape = _out_shape(lambda p: F.conv3d(p, torch.empty((1, 1, *self.kernel_size), device="meta"), None,
-                                              self.stride, self.padding, self.dilation), f)
-        y = ops.sparse_conv3d(f, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                              x.layout(), x.layout(shape), backend=self.backend)
+        shape = (x.shape[0], self.out_channels, *_out_shape(
+            lambda p: F.conv3d(p, torch.empty((1, 1, *self.kernel_size), device="meta"), None, self.stride,
+                               self.padding, self.dilation), x))
+        lin, lout = x.layout(), x.layout(shape[2:])
+        probe = x.compact if x.is_compact else x.features
+        be = ops.choose_conv_backend(self.backend, probe, self.weight, self.stride, self.padding, self.dilation,
+                                     self.groups, lin, lout)
+        if be == "cpu":  # blocked path: compact in, compact out (norms and activations follow on cells)
+            y = cpu_backend.conv3d_compact(x.compact, self.weight, self.bias, self.stride, self.padding,
+                                           self.groups, lin, lout, x.shape[0])
+            return SparseTensor.from_compact(y, x.masks, shape)
+        y = ops.sparse_conv3d(x.features, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                              self.groups, lin, lout, backend=self.backend)
         return x.replace(y)
 
 
@@ -94,11 +102,13 @@ class SparseBatchNorm3d(_SparseMixin, nn.BatchNorm3d):
             return super().forward(x)
         training = self.training or self.running_mean is None
         track = self.training and self.track_running_stats
-        y = ops.sparse_batch_norm(x.features, x.layout(), self.running_mean if (track or not self.training)
+        y = ops.sparse_batch_norm(x.compact if x.is_compact else x.features, x.layout(), self.running_mean if (track or not self.training)
                                   else None, self.running_var if (track or not self.training) else None,
                                   self.weight, self.bias, training, self.momentum, self.eps,
                                   self.num_batches_tracked if track else None, backend=self.backend,
-                                  masked_input=True)
+                                  masked_input=True, compact=x.is_compact)
+        if x.is_compact:
+            return x.replace_compact(y)
         return x.replace(y)
 
 
@@ -107,6 +117,9 @@ class SparseInstanceNorm3d(_SparseMixin, nn.InstanceNorm3d):
         if not isinstance(x, SparseTensor):
             return super().forward(x)
         use_input_stats = self.training or not self.track_running_stats
+        if x.is_compact and self.running_mean is None and use_input_stats:
+            return x.replace_compact(ops.sparse_instance_norm(
+                x.compact, x.layout(), None, None, self.weight, self.bias, True, 0.1, self.eps, compact=True))
         y = ops.sparse_instance_norm(x.features, x.layout(), self.running_mean, self.running_var, self.weight,
                                      self.bias, use_input_stats, self.momentum if self.momentum is not None
                                      else 0.1, self.eps, backend=self.backend, masked_input=True)
@@ -117,6 +130,9 @@ class SparseGroupNorm(_SparseMixin, nn.GroupNorm):
     def forward(self, x):
         if not isinstance(x, SparseTensor):
             return super().forward(x)
+        if x.is_compact:
+            return x.replace_compact(ops.sparse_group_norm(x.compact, x.layout(), self.num_groups, self.weight,
+                                                           self.bias, self.eps, compact=True))
         y = ops.sparse_group_norm(x.features, x.layout(), self.num_groups, self.weight, self.bias, self.eps,
                                   backend=self.backend, masked_input=True)
         return x.replace(y)
@@ -147,6 +163,8 @@ class SparsePointwise(_SparseMixin):
         dense_forward = super().forward  # the dense class follows this mixin in the MRO
         if not isinstance(x, SparseTensor):
             return dense_forward(x)
+        if x.is_compact:  # visible voxels only: no re-masking needed
+            return x.replace_compact(dense_forward(x.compact))
         y = dense_forward(x.features)
         if not self.zero_preserving:
             y = y * x.layout().float_mask(y.dtype)

@@ -28,45 +28,63 @@ def _bc_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.reshape(bs * c, 1, s), b.reshape(bs * c, s, 1)).view(bs, c)
 
 
+def _to_samples(t: torch.Tensor, seg: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Per-row sums ``(R, C)`` -> per-sample sums ``(B, C)`` (rows are samples, or cells of sample ``seg``)."""
+    if seg is None:
+        return t
+    return t.new_zeros((n, t.shape[1])).index_add_(0, seg, t)
+
+
+def _to_rows(t: torch.Tensor, seg: torch.Tensor | None) -> torch.Tensor:
+    return t if seg is None else t[seg]
+
+
 class _MaskedNorm(torch.autograd.Function):
+    """Rows of ``x`` are samples (dense, zero at masked voxels; ``m`` the float mask) or visible cells of
+    sample ``seg[row]`` (compact; ``m`` None). ``n_vis`` holds the visible voxels per sample ``(B,)``."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, m, mode: str, groups: int, eps: float, stats_out):
-        bsz, c = x.shape[:2]
-        xf = x.reshape(bsz, c, -1)
-        mf = m.reshape(bsz, 1, -1)
-        # counts per (b, c): active voxels of sample b
-        n_b = mf.sum(2).expand(bsz, c).to(torch.float64)
-        cnt = _pool(n_b, mode, groups)
-        s1 = _pool(xf.sum(2, dtype=torch.float64), mode, groups)
-        s2 = _pool(torch.linalg.vector_norm(xf, 2, dim=2, dtype=torch.float64) ** 2, mode, groups)
+    def forward(ctx, x, weight, bias, m, seg, n_vis, mode: str, groups: int, eps: float, stats_out):
+        rows, c = x.shape[:2]
+        bsz = n_vis.shape[0]
+        xf = x.reshape(rows, c, -1)
+        cnt = _pool(n_vis.to(torch.float64)[:, None].expand(bsz, c), mode, groups)
+        s1 = _pool(_to_samples(xf.sum(2, dtype=torch.float64), seg, bsz), mode, groups)
+        s2 = _pool(_to_samples(torch.linalg.vector_norm(xf, 2, dim=2, dtype=torch.float64) ** 2, seg, bsz),
+                   mode, groups)
         safe = cnt.clamp(min=1)
         mean = s1 / safe
         var = (s2 / safe - mean * mean).clamp(min=0)
         rstd = torch.rsqrt(var + eps)
         w = weight.to(torch.float64)[None] if weight is not None else torch.ones_like(rstd)
         b = bias.to(torch.float64)[None] if bias is not None else torch.zeros_like(rstd)
-        scale = (rstd * w).to(x.dtype)
-        shift = (b - mean * rstd * w).to(x.dtype)
         e = (1,) * (x.dim() - 2)
-        y = torch.addcmul(shift.view(bsz, c, *e), x, scale.view(bsz, c, *e))
-        y.mul_(m.to(y.dtype))
+        scale = _to_rows((rstd * w).to(x.dtype), seg).view(rows, c, *e)
+        shift = _to_rows((b - mean * rstd * w).to(x.dtype), seg).view(rows, c, *e)
+        y = torch.addcmul(shift, x, scale)
+        if m is not None:
+            y.mul_(m.to(y.dtype))
         if stats_out is not None:
             stats_out.extend([mean[0] if mode == "batch" else mean, var[0] if mode == "batch" else var,
                               cnt[0, 0] if mode == "batch" else cnt])
-        ctx.save_for_backward(x, weight, m, mean, rstd, cnt)
+        ctx.save_for_backward(x, weight, m, seg, mean, rstd, cnt)
         ctx.mode, ctx.groups, ctx.has_bias = mode, groups, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, m, mean, rstd, cnt = ctx.saved_tensors
+        x, weight, m, seg, mean, rstd, cnt = ctx.saved_tensors
         mode, groups = ctx.mode, ctx.groups
-        bsz, c = x.shape[:2]
-        xf = x.reshape(bsz, c, -1)
-        mf = m.reshape(bsz, -1, 1).to(gy.dtype)
-        gf = gy.reshape(bsz, c, -1)
-        sg_bc = torch.bmm(gf, mf).view(bsz, c).to(torch.float64)          # sum(g * m)
-        sgx_bc = _bc_sums(gf, xf).to(torch.float64)                         # sum(g * x), x is 0 where masked
+        rows, c = x.shape[:2]
+        bsz = mean.shape[0]
+        xf = x.reshape(rows, c, -1)
+        gf = gy.reshape(rows, c, -1)
+        if m is not None:
+            sg_rows = torch.bmm(gf, m.reshape(rows, -1, 1).to(gy.dtype)).view(rows, c)  # sum(g * m)
+        else:
+            sg_rows = gf.sum(2)
+        sg_bc = _to_samples(sg_rows.to(torch.float64), seg, bsz)
+        sgx_bc = _to_samples(_bc_sums(gf, xf).to(torch.float64), seg, bsz)  # sum(g * x), x is 0 where masked
         sgxhat_bc = (sgx_bc - mean * sg_bc) * rstd                          # sum(g * xhat) per (b, c)
         gw = sgxhat_bc.sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         gb = sg_bc.sum(0).to(weight.dtype if weight is not None else gy.dtype) \
@@ -82,23 +100,37 @@ class _MaskedNorm(torch.autograd.Function):
             bcoef = -rstd * rstd * sgh / safe
             ccoef = -rstd * sg / safe - bcoef * mean
             e = (1,) * (x.dim() - 2)
-            gx = torch.addcmul(ccoef.to(gy.dtype).view(bsz, c, *e), gy, a.to(gy.dtype).view(bsz, c, *e))
-            gx.addcmul_(x, bcoef.to(gy.dtype).view(bsz, c, *e))
-            gx.mul_(m.to(gy.dtype))
-        return gx, gw, gb, None, None, None, None, None
+
+            def per_row(t):
+                return _to_rows(t.to(gy.dtype), seg).view(rows, c, *e)
+
+            gx = torch.addcmul(per_row(ccoef), gy, per_row(a))
+            gx.addcmul_(x, per_row(bcoef))
+            if m is not None:
+                gx.mul_(m.to(gy.dtype))
+        return gx, gw, gb, None, None, None, None, None, None, None
 
 
 def masked_norm(x: torch.Tensor, mask: Layout, mode: str, weight: torch.Tensor | None,
                 bias: torch.Tensor | None, eps: float, groups: int = 1, masked_input: bool = True,
-                stats_out: list | None = None) -> torch.Tensor:
+                stats_out: list | None = None, compact: bool = False) -> torch.Tensor:
     """Normalise with statistics over visible voxels; ``mode`` is "batch", "instance" or "group".
 
+    ``x`` is dense ``(B, C, ...)`` or, with ``compact``, the visible cells ``(N, C, *cell)`` of ``mask``.
     ``stats_out`` (optional list) receives (mean, biased var, count) for running-stat updates.
     """
+    if compact:
+        seg = mask.cell_index[0]
+        vol = 1
+        for c in mask.cell_size:
+            vol *= c
+        n_vis = torch.bincount(seg, minlength=mask.cells.shape[0]) * vol
+        return _MaskedNorm.apply(x, weight, bias, None, seg, n_vis, mode, groups, eps, stats_out)
     m = mask.float_mask(x.dtype)
     if not masked_input:
         x = x * m
-    return _MaskedNorm.apply(x, weight, bias, m, mode, groups, eps, stats_out)
+    n_vis = m.reshape(m.shape[0], -1).sum(1)
+    return _MaskedNorm.apply(x, weight, bias, m, None, n_vis, mode, groups, eps, stats_out)
 
 
 __all__ = ["masked_norm"]

@@ -117,14 +117,18 @@ def sparse_avg_pool3d(x: torch.Tensor, kernel_size, stride=None, padding=0, ceil
 
 def sparse_batch_norm(x: torch.Tensor, mask, running_mean, running_var, weight, bias, training: bool,
                       momentum: float | None, eps: float, num_batches_tracked=None, backend: str = "auto",
-                      masked_input: bool = False) -> torch.Tensor:
-    """BatchNorm with statistics over visible voxels (``masked_input``: x is already 0 where masked)."""
+                      masked_input: bool = False, compact: bool = False) -> torch.Tensor:
+    """BatchNorm with statistics over visible voxels (``masked_input``: x is already 0 where masked;
+    ``compact``: x holds the visible cells of ``mask`` only, see ``SparseTensor``)."""
     lay = as_layout(mask)
+    if compact and not training:  # running statistics: a per-channel affine map, same on any layout
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     if lay is None or not training:
         return reference.batch_norm(x, lay, running_mean, running_var, weight, bias, training, momentum, eps,
                                     num_batches_tracked)
     stats: list = []
-    y = masked_norm(x, lay, "batch", weight, bias, eps, masked_input=masked_input, stats_out=stats)
+    y = masked_norm(x, lay, "batch", weight, bias, eps, masked_input=masked_input, stats_out=stats,
+                    compact=compact)
     n = float(stats[2])
     if running_mean is not None and n > 1:
         with torch.no_grad():
@@ -138,8 +142,12 @@ def sparse_batch_norm(x: torch.Tensor, mask, running_mean, running_var, weight, 
 
 def sparse_instance_norm(x: torch.Tensor, mask, running_mean, running_var, weight, bias, use_input_stats: bool,
                          momentum: float, eps: float, backend: str = "auto",
-                         masked_input: bool = False) -> torch.Tensor:
+                         masked_input: bool = False, compact: bool = False) -> torch.Tensor:
     lay = as_layout(mask)
+    if compact:
+        if running_mean is not None or not use_input_stats:
+            raise NotImplementedError("compact instance norm with running statistics; use dense features")
+        return masked_norm(x, lay, "instance", weight, bias, eps, compact=True)
     if lay is None or running_mean is not None or not use_input_stats:
         return reference.instance_norm(x, lay, running_mean, running_var, weight, bias, use_input_stats,
                                        momentum, eps)
@@ -147,11 +155,12 @@ def sparse_instance_norm(x: torch.Tensor, mask, running_mean, running_var, weigh
 
 
 def sparse_group_norm(x: torch.Tensor, mask, num_groups: int, weight, bias, eps: float, backend: str = "auto",
-                      masked_input: bool = False) -> torch.Tensor:
+                      masked_input: bool = False, compact: bool = False) -> torch.Tensor:
     lay = as_layout(mask)
     if lay is None:
         return reference.group_norm(x, lay, num_groups, weight, bias, eps)
-    return masked_norm(x, lay, "group", weight, bias, eps, groups=num_groups, masked_input=masked_input)
+    return masked_norm(x, lay, "group", weight, bias, eps, groups=num_groups, masked_input=masked_input,
+                       compact=compact)
 
 
 def sparse_layer_norm_cf(x: torch.Tensor, mask, weight, bias, eps: float, backend: str = "auto") -> torch.Tensor:

@@ -32,6 +32,13 @@ def _infer_cell_size(mask: torch.Tensor) -> tuple[int, int, int]:
     return tuple(out)  # type: ignore[return-value]
 
 
+def cells_view(t: torch.Tensor, cell: Sequence[int]) -> torch.Tensor:
+    """``(B, C, D, H, W)`` -> view ``(B, gz, gy, gx, C, cz, cy, cx)`` (D, H, W multiples of ``cell``)."""
+    b, c, d, h, w = t.shape
+    return t.view(b, c, d // cell[0], cell[0], h // cell[1], cell[1], w // cell[2], cell[2]).permute(
+        0, 2, 4, 6, 1, 3, 5, 7)
+
+
 class Layout:
     """The mask at one resolution, with cached derived structures for the backends.
 
@@ -69,6 +76,25 @@ class Layout:
         if "active_cells" not in self.cache:
             self.cache["active_cells"] = self.cells.nonzero()
         return self.cache["active_cells"]
+
+    @property
+    def cell_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(b, z, y, x) index tensors of the visible cells, in ``active_cells`` order."""
+        if "cell_index" not in self.cache:
+            ac = self.active_cells
+            self.cache["cell_index"] = tuple(ac[:, i].contiguous() for i in range(4))
+        return self.cache["cell_index"]
+
+    def to_compact(self, dense: torch.Tensor) -> torch.Tensor:
+        """``(B, C, D, H, W)`` -> ``(N, C, *cell_size)``: the visible cells only (differentiable gather)."""
+        return cells_view(dense, self.cell_size)[self.cell_index]
+
+    def to_dense(self, compact: torch.Tensor, batch: int) -> torch.Tensor:
+        """Inverse of ``to_compact``: zeros at masked voxels (differentiable scatter)."""
+        out = compact.new_zeros((batch, compact.shape[1], *self.shape))
+        if compact.shape[0]:
+            cells_view(out, self.cell_size)[self.cell_index] = compact
+        return out
 
     @property
     def active_fraction(self) -> float:
@@ -110,17 +136,22 @@ class MaskCache:
 
 
 class SparseTensor:
-    """Features ``(B, C, D, H, W)`` (zero where masked) travelling with their mask.
+    """Features travelling with their mask, stored dense or compact.
 
-    Sparse modules accept either a plain tensor (they then act exactly like their dense twin) or a
-    SparseTensor (they compute on visible voxels only and return a SparseTensor). Arithmetic needed by
-    residual blocks (``+``, ``+=``, scalar ``*``) is supported; use ``.features`` to get the tensor.
+    Dense: ``(B, C, D, H, W)``, zero at masked voxels. Compact: ``(N, C, *cell_size)``, only the N visible
+    cells of this resolution's layout (what the blocked CPU convolution produces), so norms, activations and
+    residual additions cost visible voxels only. Either form is derived from the other on demand.
+    Sparse modules accept a plain tensor (they then act exactly like their dense twin) or a SparseTensor (they
+    compute on visible voxels only and return a SparseTensor). Arithmetic needed by residual blocks (``+``,
+    ``+=``, scalar ``*``) is supported; ``.features`` gives the dense tensor.
     """
 
-    __slots__ = ("features", "masks")
+    __slots__ = ("_dense", "_compact", "masks", "_shape")
 
     def __init__(self, features: torch.Tensor, mask: "torch.Tensor | MaskCache"):
-        self.features = features
+        self._dense: torch.Tensor | None = features
+        self._compact: torch.Tensor | None = None
+        self._shape = tuple(features.shape)
         self.masks = mask if isinstance(mask, MaskCache) else MaskCache(mask.to(features.device))
 
     @classmethod
@@ -129,8 +160,32 @@ class SparseTensor:
         st = cls(x, cells)
         return st.replace(x * st.layout().float_mask(x.dtype))
 
+    @classmethod
+    def from_compact(cls, compact: torch.Tensor, masks: MaskCache, shape: Sequence[int]) -> "SparseTensor":
+        """Compact features of the layout of dense ``shape`` ``(B, C, D, H, W)``."""
+        st = cls.__new__(cls)
+        st._dense, st._compact, st.masks = None, compact, masks
+        st._shape = (int(shape[0]), int(compact.shape[1]), *(int(s) for s in shape[2:]))
+        return st
+
     def layout(self, shape: Sequence[int] | None = None) -> Layout:
-        return self.masks.layout(self.features.shape[2:] if shape is None else shape)
+        return self.masks.layout(self._shape[2:] if shape is None else shape)
+
+    @property
+    def features(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.layout().to_dense(self._compact, self._shape[0])
+        return self._dense
+
+    @property
+    def compact(self) -> torch.Tensor:
+        if self._compact is None:
+            self._compact = self.layout().to_compact(self._dense)
+        return self._compact
+
+    @property
+    def is_compact(self) -> bool:
+        return self._dense is None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -140,49 +195,61 @@ class SparseTensor:
     def replace(self, features: torch.Tensor) -> "SparseTensor":
         return SparseTensor(features, self.masks)
 
+    def replace_compact(self, compact: torch.Tensor) -> "SparseTensor":
+        return SparseTensor.from_compact(compact, self.masks, self._shape)
+
     # tensor-like conveniences used by container modules
     @property
     def shape(self) -> torch.Size:
-        return self.features.shape
+        return torch.Size(self._shape)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.features.dtype
+        return (self._dense if self._dense is not None else self._compact).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.features.device
+        return (self._dense if self._dense is not None else self._compact).device
 
     def dim(self) -> int:
-        return self.features.dim()
+        return len(self._shape)
 
     def size(self, *a: int):
-        return self.features.size(*a)
+        return self.shape if not a else self.shape[a[0]]
 
-    @staticmethod
-    def _f(o: Any) -> Any:
-        return o.features if isinstance(o, SparseTensor) else o
+    def _same_form(self, o: Any) -> tuple[torch.Tensor, Any, bool]:
+        """This tensor's storage and ``o`` in the same form (compact when this one is compact)."""
+        if isinstance(o, SparseTensor):
+            if self.is_compact and o.layout() is self.layout():
+                return self._compact, o.compact, True
+            return self.features, o.features, False
+        return (self._compact, o, True) if self.is_compact else (self._dense, o, False)
+
+    def _new(self, t: torch.Tensor, compact: bool) -> "SparseTensor":
+        return self.replace_compact(t) if compact else self.replace(t)
 
     def __add__(self, other: Any) -> "SparseTensor":
-        return self.replace(self.features + self._f(other))
+        a, b, compact = self._same_form(other)
+        return self._new(a + b, compact)
 
     __radd__ = __add__
 
     def __iadd__(self, other: Any) -> "SparseTensor":
-        self.features += self._f(other)
-        return self
+        a, b, compact = self._same_form(other)
+        a += b
+        return self if compact == self.is_compact else self._new(a, compact)
 
     def __mul__(self, other: Any) -> "SparseTensor":
-        o = self._f(other)
-        if isinstance(o, torch.Tensor) and o.numel() > self.features.shape[1]:
+        if isinstance(other, SparseTensor) or (isinstance(other, torch.Tensor) and other.numel() > self._shape[1]):
             raise TypeError("only scalar or per-channel factors keep masked voxels at zero")
-        return self.replace(self.features * self._f(other))
+        a, b, compact = self._same_form(other)
+        return self._new(a * b, compact)
 
     __rmul__ = __mul__
 
     def __repr__(self) -> str:
-        return (f"SparseTensor(shape={tuple(self.features.shape)}, visible="
-                f"{self.layout().active_fraction:.3f}, dtype={self.features.dtype})")
+        return (f"SparseTensor(shape={self._shape}, visible={self.layout().active_fraction:.3f}, "
+                f"{'compact' if self.is_compact else 'dense'}, dtype={self.dtype})")
 
 
 def unwrap(x: "torch.Tensor | SparseTensor") -> tuple[torch.Tensor, MaskCache | None]:
@@ -191,4 +258,4 @@ def unwrap(x: "torch.Tensor | SparseTensor") -> tuple[torch.Tensor, MaskCache | 
     return x, None
 
 
-__all__ = ["Layout", "MaskCache", "SparseTensor", "as_layout", "unwrap"]
+__all__ = ["Layout", "MaskCache", "SparseTensor", "as_layout", "cells_view", "unwrap"]
