@@ -26,7 +26,9 @@ How the mask flows: ``sparse_forward`` wraps ``x`` into ``SparseTensor.from_dens
 dropouts) reads the mask it needs at its input and output resolution from the tensor (``x.layout(shape)``,
 cached per resolution, so anisotropic and strided stages need no configuration) and returns a SparseTensor.
 Containers (nn.Sequential, dna's BasicBlockD with its pooled skip, StackedResidualBlocks, the stem,
-MedNeXt blocks) run their usual forward; residual ``+`` / ``+=`` work on SparseTensor. Call the model
+MedNeXt blocks) run their usual forward; residual ``+`` / ``+=`` work on SparseTensor. Where the blocked
+CPU convolution runs, features stay *compact* (only the visible cells, ``(N, C, *cell)``) until a module
+needs the dense form (``.features``), so the elementwise work and saved activations shrink with the mask. Call the model
 directly with a SparseTensor to get SparseTensors back (``.features``, ``.mask`` at that stage resolution).
 
 Semantics: every op equals its reference ``dense_op(x * m_in) * m_out`` (+ bias only at visible outputs;

@@ -6,6 +6,10 @@ one strided ``unfold`` view + one advanced-index gather and multiplied by the ga
 stack for the weight gradient and computes input and weight gradients with one
 ``aten.convolution_backward`` call on the stack; the input gradient is scattered back in groups of blocks
 whose windows do not overlap (no atomics, no index_add over overlapping memory).
+
+``conv3d_compact`` is the same computation on compact features (the visible cells only, see
+``SparseTensor``): its output stack *is* the next layer's compact input, so between layers nothing dense is
+written or kept for backward, and norms / activations / residual additions run on visible cells only.
 """
 from __future__ import annotations
 

@@ -69,16 +69,28 @@ class SparseConvTranspose3d(_SparseMixin, nn.ConvTranspose3d):
         return x.replace(y)
 
 
+def _pools_within_cells(lin, lout, kernel, stride, padding, dilation) -> bool:
+    """Non-overlapping pooling windows that tile every cell, with both layouts on the same cell grid: then
+    pooling the compact stack gives the output's compact stack (same cells, same order)."""
+    t3 = ops._t3
+    k, s, p, d = t3(kernel), t3(stride if stride is not None else kernel), t3(padding), t3(dilation)
+    return (lin.cells is lout.cells and k == s and all(v == 0 for v in p) and all(v == 1 for v in d)
+            and all(ci == co * si for ci, co, si in zip(lin.cell_size, lout.cell_size, s)))
+
+
 class SparseMaxPool3d(_SparseMixin, nn.MaxPool3d):
     def forward(self, x):
         if not isinstance(x, SparseTensor):
             return super().forward(x)
         if self.return_indices:
             raise NotImplementedError("sparse max-pool does not return indices")
-        f = x.features
         args = (self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
-        shape = _out_shape(F.max_pool3d, f, *args)
-        return x.replace(ops.sparse_max_pool3d(f, *args, mask_in=x.layout(), mask_out=x.layout(shape),
+        shape = _out_shape(F.max_pool3d, x, *args)
+        lin, lout = x.layout(), x.layout(shape)
+        if x.is_compact and _pools_within_cells(lin, lout, self.kernel_size, self.stride, self.padding,
+                                                 self.dilation):
+            return SparseTensor.from_compact(F.max_pool3d(x.compact, *args), x.masks, (*x.shape[:2], *shape))
+        return x.replace(ops.sparse_max_pool3d(x.features, *args, mask_in=lin, mask_out=lout,
                                                backend=self.backend))
 
 
@@ -142,6 +154,8 @@ class SparseLayerNormCF(_SparseMixin, LayerNormCF):
     def forward(self, x):
         if not isinstance(x, SparseTensor):
             return super().forward(x)
+        if x.is_compact:  # normalises each voxel over channels: the dense op on visible cells, no re-masking
+            return x.replace_compact(super().forward(x.compact))
         y = ops.sparse_layer_norm_cf(x.features, x.layout(), self.weight, self.bias, self.eps,
                                      backend=self.backend)
         return x.replace(y)
