@@ -101,6 +101,17 @@ def test_backends_agree_on_whole_encoder_with_gradients(make, monkeypatch):
         torch.testing.assert_close(gp1[k], gp2[k], msg=k)
 
 
+@pytest.mark.parametrize("make", [_resenc, lambda: _resenc(nn.BatchNorm3d, "max"), _mednext])
+def test_nothing_masked_is_the_dense_network(make):
+    torch.manual_seed(3)
+    dense = make()
+    sp = sparsify(dense)
+    x = torch.randn(2, 1 if make is _mednext else 2, 16, 16, 8, dtype=torch.float64)
+    cells = torch.ones(2, 2, 2, 4, dtype=torch.bool)
+    for a, b in zip(dense(x), sparse_forward(sp, x, cells)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_unsupported_module_raises_and_backend_switch():
     enc = ResidualEncoder(1, 2, [8, 8], nn.Conv3d, 3, [1, 2], 1, False, nn.InstanceNorm3d, {"affine": True},
                           None, None, nn.ReLU, None, squeeze_excitation=True)

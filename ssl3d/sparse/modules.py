@@ -112,10 +112,13 @@ class SparseBatchNorm3d(_SparseMixin, nn.BatchNorm3d):
     def forward(self, x):
         if not isinstance(x, SparseTensor):
             return super().forward(x)
+        if x.layout().all_active and not x.is_compact:  # nothing masked: exactly the dense norm
+            return x.replace(super().forward(x.features))
         training = self.training or self.running_mean is None
         track = self.training and self.track_running_stats
-        y = ops.sparse_batch_norm(x.compact if x.is_compact else x.features, x.layout(), self.running_mean if (track or not self.training)
-                                  else None, self.running_var if (track or not self.training) else None,
+        stats = track or not self.training
+        y = ops.sparse_batch_norm(x.compact if x.is_compact else x.features, x.layout(),
+                                  self.running_mean if stats else None, self.running_var if stats else None,
                                   self.weight, self.bias, training, self.momentum, self.eps,
                                   self.num_batches_tracked if track else None, backend=self.backend,
                                   masked_input=True, compact=x.is_compact)
@@ -128,6 +131,8 @@ class SparseInstanceNorm3d(_SparseMixin, nn.InstanceNorm3d):
     def forward(self, x):
         if not isinstance(x, SparseTensor):
             return super().forward(x)
+        if x.layout().all_active and not x.is_compact:  # nothing masked: exactly the dense norm
+            return x.replace(super().forward(x.features))
         use_input_stats = self.training or not self.track_running_stats
         if x.is_compact and self.running_mean is None and use_input_stats:
             return x.replace_compact(ops.sparse_instance_norm(
@@ -142,6 +147,8 @@ class SparseGroupNorm(_SparseMixin, nn.GroupNorm):
     def forward(self, x):
         if not isinstance(x, SparseTensor):
             return super().forward(x)
+        if x.layout().all_active and not x.is_compact:  # nothing masked: exactly the dense norm
+            return x.replace(super().forward(x.features))
         if x.is_compact:
             return x.replace_compact(ops.sparse_group_norm(x.compact, x.layout(), self.num_groups, self.weight,
                                                            self.bias, self.eps, compact=True))
@@ -154,6 +161,8 @@ class SparseLayerNormCF(_SparseMixin, LayerNormCF):
     def forward(self, x):
         if not isinstance(x, SparseTensor):
             return super().forward(x)
+        if x.layout().all_active and not x.is_compact:  # nothing masked: exactly the dense norm
+            return x.replace(super().forward(x.features))
         if x.is_compact:  # normalises each voxel over channels: the dense op on visible cells, no re-masking
             return x.replace_compact(super().forward(x.compact))
         y = ops.sparse_layer_norm_cf(x.features, x.layout(), self.weight, self.bias, self.eps,
