@@ -36,11 +36,11 @@ def _draw(image, visible, reconstruction, path: Path, title: str, plt) -> Path:
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(vname)
+                ax.set_title(vname, fontsize=12)  # explicit: nnU-Net's progress plot enlarges the global font
             if c == 0:
-                ax.set_ylabel(name)
+                ax.set_ylabel(name, fontsize=12)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp_{path.name}")
