@@ -105,14 +105,23 @@ class _Workspace:
 _WS = _Workspace()
 
 
+def _padded_shape(shape: Sequence[int], pad: Sequence[int]) -> tuple[int, ...]:
+    """``(B, C, D, H, W)`` after ``F.pad(..., pad)`` (pad in F.pad order: x_lo, x_hi, y_lo, y_hi, z_lo, z_hi)."""
+    b, c, d, h, w = shape
+    return (b, c, d + pad[4] + pad[5], h + pad[2] + pad[3], w + pad[0] + pad[1])
+
+
+def _interior(xp: torch.Tensor, pad: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """The unpadded ``shape`` (D, H, W) region of a padded buffer."""
+    return xp[:, :, pad[4]:pad[4] + shape[0], pad[2]:pad[2] + shape[1], pad[0]:pad[0] + shape[2]]
+
+
 def _padded(x: torch.Tensor, pad: Sequence[int], tag: str) -> torch.Tensor:
     """``F.pad(x, pad)`` into a reused buffer (valid until the next call with the same tag and shape)."""
-    b, c, d, h, w = x.shape
-    shape = (b, c, d + pad[4] + pad[5], h + pad[2] + pad[3], w + pad[0] + pad[1])
     if x.requires_grad and torch.is_grad_enabled():
         return F.pad(x, pad)
-    buf = _WS.get(tag, shape, x.dtype, x.device)
-    buf[:, :, pad[4]:pad[4] + d, pad[2]:pad[2] + h, pad[0]:pad[0] + w].copy_(x)
+    buf = _WS.get(tag, _padded_shape(x.shape, pad), x.dtype, x.device)
+    _interior(buf, pad, x.shape[2:]).copy_(x)
     return buf
 
 
@@ -163,18 +172,13 @@ class _BlockConv(torch.autograd.Function):
         if need_x:
             gxs.mul_(_window_mask(plan, ctx.lay_in, gxs.dtype))
             gxp = _scatter_windows(gxs, plan, ctx.x_shape)
-            b, c, d, h, w = ctx.x_shape
-            p = plan.pad
-            gx = gxp[:, :, p[4]:p[4] + d, p[2]:p[2] + h, p[0]:p[0] + w].clone()
+            gx = _interior(gxp, plan.pad, ctx.x_shape[2:]).clone()
         return gx, gw, gb, None, None, None, None
 
 
 def _scatter_windows(gxs: torch.Tensor, plan: BlockPlan, x_shape: Sequence[int]) -> torch.Tensor:
     """Sum the per-block window gradients ``(N, C, *window)`` into a zeroed padded input buffer (reused)."""
-    b, c, d, h, w = x_shape
-    p = plan.pad
-    gxp = _WS.get("bwd", (b, c, d + p[4] + p[5], h + p[2] + p[3], w + p[0] + p[1]), gxs.dtype, gxs.device,
-                  zero=True)
+    gxp = _WS.get("bwd", _padded_shape(x_shape, plan.pad), gxs.dtype, gxs.device, zero=True)
     win, st, per = plan.window, plan.step, plan.period  # type: ignore[attr-defined]
     ib, iz, iy, ix = plan.idx
     for (rz, ry, rx), sel in plan.groups_of_blocks:
@@ -185,10 +189,6 @@ def _scatter_windows(gxs: torch.Tensor, plan: BlockPlan, x_shape: Sequence[int])
         kz, ky, kx = (iz[sel] - rz) // per[0], (iy[sel] - ry) // per[1], (ix[sel] - rx) // per[2]
         v.index_put_((ib[sel], kz, ky, kx), gxs[sel] if len(plan.groups_of_blocks) > 1 else gxs, accumulate=True)
     return gxp
-
-
-def _interior(xp: torch.Tensor, pad: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    return xp[:, :, pad[4]:pad[4] + shape[0], pad[2]:pad[2] + shape[1], pad[0]:pad[0] + shape[2]]
 
 
 def _conv_backward(ctx, gs: torch.Tensor):
@@ -209,9 +209,8 @@ class _BlockConvCompact(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xc, weight, bias, plan: BlockPlan, lay_in: Layout, stride, groups, batch: int):
         p = plan.pad
-        xp = _WS.get("cfwd", (batch, xc.shape[1], *(n + p[4 - 2 * i] + p[5 - 2 * i]
-                                                        for i, n in enumerate(lay_in.shape))),
-                      xc.dtype, xc.device, zero=True)
+        xp = _WS.get("cfwd", _padded_shape((batch, xc.shape[1], *lay_in.shape), p), xc.dtype, xc.device,
+                     zero=True)
         if xc.shape[0]:
             cells_view(_interior(xp, p, lay_in.shape), lay_in.cell_size)[lay_in.cell_index] = xc
         xs = _gather_windows(xp, plan)

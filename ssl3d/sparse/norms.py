@@ -7,6 +7,8 @@ mask is False (``SparseTensor`` features always are; pass ``masked_input=False``
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .tensor import Layout
@@ -121,10 +123,7 @@ def masked_norm(x: torch.Tensor, mask: Layout, mode: str, weight: torch.Tensor |
     """
     if compact:
         seg = mask.cell_index[0]
-        vol = 1
-        for c in mask.cell_size:
-            vol *= c
-        n_vis = torch.bincount(seg, minlength=mask.cells.shape[0]) * vol
+        n_vis = torch.bincount(seg, minlength=mask.cells.shape[0]) * math.prod(mask.cell_size)
         return _MaskedNorm.apply(x, weight, bias, None, seg, n_vis, mode, groups, eps, stats_out)
     m = mask.float_mask(x.dtype)
     if not masked_input:
