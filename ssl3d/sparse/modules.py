@@ -106,68 +106,60 @@ class SparseAvgPool3d(_SparseMixin, nn.AvgPool3d):
                                                backend=self.backend))
 
 
-class SparseBatchNorm3d(_SparseMixin, nn.BatchNorm3d):
-    """BatchNorm3d whose statistics use visible voxels only (SparK's SparseBatchNorm without gathering)."""
+class _SparseNorm(_SparseMixin):
+    """Shared entry of the norm twins: plain tensor or nothing masked -> exactly the dense norm; otherwise
+    ``_sparse`` normalises over visible voxels and returns the result in the input's form (compact/dense)."""
+
+    def _dense(self, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(t)  # the dense class follows this mixin in the MRO
 
     def forward(self, x):
         if not isinstance(x, SparseTensor):
-            return super().forward(x)
-        if x.layout().all_active and not x.is_compact:  # nothing masked: exactly the dense norm
-            return x.replace(super().forward(x.features))
+            return self._dense(x)
+        if x.layout().all_active and not x.is_compact:
+            return x.replace(self._dense(x.features))
+        return x.like(self._sparse(x))
+
+    def _sparse(self, x: SparseTensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class SparseBatchNorm3d(_SparseNorm, nn.BatchNorm3d):
+    """BatchNorm3d whose statistics use visible voxels only (SparK's SparseBatchNorm without gathering)."""
+
+    def _sparse(self, x):
         training = self.training or self.running_mean is None
         track = self.training and self.track_running_stats
         stats = track or not self.training
-        y = ops.sparse_batch_norm(x.compact if x.is_compact else x.features, x.layout(),
-                                  self.running_mean if stats else None, self.running_var if stats else None,
-                                  self.weight, self.bias, training, self.momentum, self.eps,
-                                  self.num_batches_tracked if track else None, backend=self.backend,
-                                  masked_input=True, compact=x.is_compact)
-        if x.is_compact:
-            return x.replace_compact(y)
-        return x.replace(y)
+        return ops.sparse_batch_norm(x.storage, x.layout(), self.running_mean if stats else None,
+                                     self.running_var if stats else None, self.weight, self.bias, training,
+                                     self.momentum, self.eps, self.num_batches_tracked if track else None,
+                                     backend=self.backend, masked_input=True, compact=x.is_compact)
 
 
-class SparseInstanceNorm3d(_SparseMixin, nn.InstanceNorm3d):
-    def forward(self, x):
-        if not isinstance(x, SparseTensor):
-            return super().forward(x)
-        if x.layout().all_active and not x.is_compact:  # nothing masked: exactly the dense norm
-            return x.replace(super().forward(x.features))
+class SparseInstanceNorm3d(_SparseNorm, nn.InstanceNorm3d):
+    def _sparse(self, x):
         use_input_stats = self.training or not self.track_running_stats
         if x.is_compact and self.running_mean is None and use_input_stats:
-            return x.replace_compact(ops.sparse_instance_norm(
-                x.compact, x.layout(), None, None, self.weight, self.bias, True, 0.1, self.eps, compact=True))
-        y = ops.sparse_instance_norm(x.features, x.layout(), self.running_mean, self.running_var, self.weight,
-                                     self.bias, use_input_stats, self.momentum if self.momentum is not None
-                                     else 0.1, self.eps, backend=self.backend, masked_input=True)
-        return x.replace(y)
+            return ops.sparse_instance_norm(x.compact, x.layout(), None, None, self.weight, self.bias, True, 0.1,
+                                            self.eps, compact=True)
+        return ops.sparse_instance_norm(x.features, x.layout(), self.running_mean, self.running_var, self.weight,
+                                        self.bias, use_input_stats, self.momentum if self.momentum is not None
+                                        else 0.1, self.eps, backend=self.backend, masked_input=True)
 
 
-class SparseGroupNorm(_SparseMixin, nn.GroupNorm):
-    def forward(self, x):
-        if not isinstance(x, SparseTensor):
-            return super().forward(x)
-        if x.layout().all_active and not x.is_compact:  # nothing masked: exactly the dense norm
-            return x.replace(super().forward(x.features))
-        if x.is_compact:
-            return x.replace_compact(ops.sparse_group_norm(x.compact, x.layout(), self.num_groups, self.weight,
-                                                           self.bias, self.eps, compact=True))
-        y = ops.sparse_group_norm(x.features, x.layout(), self.num_groups, self.weight, self.bias, self.eps,
-                                  backend=self.backend, masked_input=True)
-        return x.replace(y)
+class SparseGroupNorm(_SparseNorm, nn.GroupNorm):
+    def _sparse(self, x):
+        return ops.sparse_group_norm(x.storage, x.layout(), self.num_groups, self.weight, self.bias, self.eps,
+                                     backend=self.backend, masked_input=True, compact=x.is_compact)
 
 
-class SparseLayerNormCF(_SparseMixin, LayerNormCF):
-    def forward(self, x):
-        if not isinstance(x, SparseTensor):
-            return super().forward(x)
-        if x.layout().all_active and not x.is_compact:  # nothing masked: exactly the dense norm
-            return x.replace(super().forward(x.features))
+class SparseLayerNormCF(_SparseNorm, LayerNormCF):
+    def _sparse(self, x):
         if x.is_compact:  # normalises each voxel over channels: the dense op on visible cells, no re-masking
-            return x.replace_compact(super().forward(x.compact))
-        y = ops.sparse_layer_norm_cf(x.features, x.layout(), self.weight, self.bias, self.eps,
-                                     backend=self.backend)
-        return x.replace(y)
+            return self._dense(x.compact)
+        return ops.sparse_layer_norm_cf(x.features, x.layout(), self.weight, self.bias, self.eps,
+                                        backend=self.backend)
 
 
 # ----------------------------------------------------------------------------- pointwise (parameter-free or
@@ -186,12 +178,10 @@ class SparsePointwise(_SparseMixin):
         dense_forward = super().forward  # the dense class follows this mixin in the MRO
         if not isinstance(x, SparseTensor):
             return dense_forward(x)
-        if x.is_compact:  # visible voxels only: no re-masking needed
-            return x.replace_compact(dense_forward(x.compact))
-        y = dense_forward(x.features)
-        if not self.zero_preserving:
+        y = dense_forward(x.storage)
+        if not self.zero_preserving and not x.is_compact:  # compact storage holds visible voxels only
             y = y * x.layout().float_mask(y.dtype)
-        return x.replace(y)
+        return x.like(y)
 
 
 _POINTWISE_CLASSES: dict[type, type] = {}

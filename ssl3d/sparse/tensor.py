@@ -198,6 +198,15 @@ class SparseTensor:
     def replace_compact(self, compact: torch.Tensor) -> "SparseTensor":
         return SparseTensor.from_compact(compact, self.masks, self._shape)
 
+    @property
+    def storage(self) -> torch.Tensor:
+        """The tensor this one is held in: compact cells if compact, else the dense features."""
+        return self._compact if self.is_compact else self._dense
+
+    def like(self, t: torch.Tensor) -> "SparseTensor":
+        """``t`` (same form and layout as ``storage``, channels may differ) wrapped like this tensor."""
+        return self.replace_compact(t) if self.is_compact else self.replace(t)
+
     # tensor-like conveniences used by container modules
     @property
     def shape(self) -> torch.Size:
@@ -205,11 +214,11 @@ class SparseTensor:
 
     @property
     def dtype(self) -> torch.dtype:
-        return (self._dense if self._dense is not None else self._compact).dtype
+        return self.storage.dtype
 
     @property
     def device(self) -> torch.device:
-        return (self._dense if self._dense is not None else self._compact).device
+        return self.storage.device
 
     def dim(self) -> int:
         return len(self._shape)
@@ -223,7 +232,7 @@ class SparseTensor:
             if self.is_compact and o.layout() is self.layout():
                 return self._compact, o.compact, True
             return self.features, o.features, False
-        return (self._compact, o, True) if self.is_compact else (self._dense, o, False)
+        return self.storage, o, self.is_compact
 
     def _new(self, t: torch.Tensor, compact: bool) -> "SparseTensor":
         return self.replace_compact(t) if compact else self.replace(t)
