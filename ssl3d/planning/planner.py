@@ -26,6 +26,7 @@ from nnunetv2.configuration import ANISO_THRESHOLD
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+from ssl3d.sparse import masks
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def plan_topology(spacing: Sequence[float], median_shape: Sequence[int], patch_v
     # Hybrid models hand over to a ViT after at most four downsamplings (96^3 -> 6^3 tokens in HySparK).
     n_down = len(strides) - 1
     junction_stage = min(MAX_HYBRID_DOWNSAMPLINGS, n_down)
-    junction_stride = [int(np.prod([strides[s][a] for s in range(junction_stage + 1)])) for a in range(3)]
+    junction_stride = list(masks.total_stride(strides[:junction_stage + 1]))
     return {
         "patch_size": final_patch,
         "strides": strides,

@@ -62,6 +62,14 @@ def upsample_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return out
 
 
+def total_stride(strides: Sequence[int | Sequence[int]]) -> Triple:
+    """Per-axis product of per-stage strides: the input voxels per voxel after the last of them."""
+    out = [1, 1, 1]
+    for s in strides:
+        out = [a * b for a, b in zip(out, _triple(s))]
+    return tuple(out)  # type: ignore[return-value]
+
+
 def mask_pyramid(cell_mask: torch.Tensor, cell_size: int | Sequence[int],
                  strides: Sequence[int | Sequence[int]]) -> list[torch.Tensor]:
     """Masks ``(B, D_s, H_s, W_s)`` for every stage of an encoder with the given per-stage strides.
@@ -149,4 +157,4 @@ def mask_ratio(mask: torch.Tensor) -> float:
 
 
 __all__ = ["random_cell_mask", "upsample_mask", "mask_pyramid", "bottom_up_masks", "BottomUpMasks",
-           "visible_token_indices", "VisibleTokens", "cell_size_of", "mask_ratio"]
+           "visible_token_indices", "VisibleTokens", "cell_size_of", "mask_ratio", "total_stride"]

@@ -16,12 +16,11 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import torch
 from torch import autocast, nn
 
 from nnunetv2.utilities.helpers import dummy_context
-from ssl3d.sparse.masks import random_cell_mask, upsample_mask
+from ssl3d.sparse.masks import random_cell_mask, total_stride, upsample_mask
 from ssl3d.training.finetune import SSLFinetuneTrainer
 
 
@@ -61,7 +60,7 @@ class MedContextTrainer(SSLFinetuneTrainer):
         self.global_step = 0
         ssl = self.configuration_manager.configuration.get("ssl3d", {})
         strides = self.configuration_manager.network_arch_init_kwargs.get("strides")
-        total = [int(np.prod([s[a] for s in strides])) for a in range(3)] if strides else [16, 16, 16]
+        total = total_stride(strides) if strides else (16, 16, 16)
         self.mask_cell = tuple(int(c) for c in ssl.get("mask_cell_size", total))
 
     def configure_optimizers(self):

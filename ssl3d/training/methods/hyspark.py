@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from ssl3d.architectures.hybrid import HybridEncoder, hybrid_arch_kwargs
+from ssl3d.sparse.masks import total_stride
 from ssl3d.training.methods.base import register_method
 from ssl3d.training.methods.decoders import Densify, DensifyDecoderMethod, LightUNetDecoder, decoder_widths
 
@@ -44,7 +45,5 @@ class HySparK3D(DensifyDecoderMethod):
 def build_hyspark(plans: dict, configuration: dict, num_input_channels: int, size: str = "S",
                   backend: str = "auto", **overrides) -> HySparK3D:
     arch = {**hybrid_arch_kwargs(configuration, size), **overrides.pop("arch", {})}
-    stride = [1, 1, 1]
-    for s in arch["strides"]:
-        stride = [a * int(b) for a, b in zip(stride, s)]
-    return HySparK3D(arch, num_input_channels, configuration["patch_size"], stride, backend, **overrides)
+    return HySparK3D(arch, num_input_channels, configuration["patch_size"], list(total_stride(arch["strides"])),
+                     backend, **overrides)
