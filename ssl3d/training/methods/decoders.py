@@ -80,8 +80,15 @@ def decoder_widths(features: Sequence[int], factor: float = 0.5, minimum: int = 
 class DensifyDecoderMethod(SSLMethod):
     """Masked CNN methods (SparK, HySparK): ``encode`` -> densify -> decoder -> per-cell normalized MSE.
 
-    Subclasses set ``self.encoder``, ``self.densify`` and ``self.decoder`` and implement ``encode``.
+    Subclasses set ``self.encoder``, call ``build_head`` and implement ``encode``.
     """
+
+    def build_head(self, features: Sequence[int], strides: Sequence, in_channels: int, decoder_factor: float,
+                   fusion: str) -> None:
+        """Per-stage densify (mask tokens + projection) and the light U-Net decoder back to the input."""
+        widths = decoder_widths(features, decoder_factor)
+        self.densify = Densify(features, widths)
+        self.decoder = LightUNetDecoder(widths, strides, in_channels, fusion=fusion)
 
     def encode(self, x: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:  # pragma: no cover
         raise NotImplementedError

@@ -13,7 +13,7 @@ import torch
 from ssl3d.architectures.hybrid import HybridEncoder, hybrid_arch_kwargs
 from ssl3d.sparse.masks import total_stride
 from ssl3d.training.methods.base import register_method
-from ssl3d.training.methods.decoders import Densify, DensifyDecoderMethod, LightUNetDecoder, decoder_widths
+from ssl3d.training.methods.decoders import DensifyDecoderMethod
 
 
 class HySparK3D(DensifyDecoderMethod):
@@ -24,9 +24,7 @@ class HySparK3D(DensifyDecoderMethod):
         super().__init__(patch_size, junction_stride)
         self.arch_kwargs = arch_kwargs
         self.encoder = HybridEncoder(in_channels, backend=backend, **arch_kwargs)
-        widths = decoder_widths(self.encoder.output_channels, decoder_factor)
-        self.densify = Densify(self.encoder.output_channels, widths)
-        self.decoder = LightUNetDecoder(widths, arch_kwargs["strides"], in_channels, fusion="concat")
+        self.build_head(self.encoder.output_channels, arch_kwargs["strides"], in_channels, decoder_factor, "concat")
         self.backend = backend
 
     def encode(self, x: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 
 from ssl3d.sparse import sparse_forward, sparsify
 from ssl3d.training.methods.base import register_method
-from ssl3d.training.methods.decoders import Densify, DensifyDecoderMethod, LightUNetDecoder, decoder_widths
+from ssl3d.training.methods.decoders import DensifyDecoderMethod
 
 
 def resolve_arch_kwargs(architecture: dict) -> dict:
@@ -42,10 +42,7 @@ class SparK3D(DensifyDecoderMethod):
         self.in_channels = in_channels
         self.encoder = sparsify(build_downstream_unet(architecture, in_channels, 1).encoder, backend, inplace=True)
         kw = architecture["arch_kwargs"]
-        features = list(kw["features_per_stage"])
-        widths = decoder_widths(features, decoder_factor)
-        self.densify = Densify(features, widths)
-        self.decoder = LightUNetDecoder(widths, kw["strides"], in_channels, fusion="add")
+        self.build_head(list(kw["features_per_stage"]), kw["strides"], in_channels, decoder_factor, "add")
         self.backend = backend
 
     def encode(self, x: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:
