@@ -37,20 +37,6 @@ QUICK_SHAPES = [
 ]
 
 
-def timeit(fn, repeats: int) -> float:
-    fn()  # warm-up (plans, caches, allocator)
-    ts = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def timeit_interleaved(fns: dict, repeats: int) -> dict:
     """Median time of each function, measured round-robin so load from other processes hits all alike."""
     for fn in fns.values():
