@@ -24,6 +24,45 @@ def _tile_coords(tiles_ptr, pid, TZ: tl.constexpr, TY: tl.constexpr, TX: tl.cons
 
 
 @triton.jit
+def _visible(m_ptr, b, z, y, x, D, H, W, ok):
+    """``ok`` restricted to voxels whose uint8 mask ``(B, D, H, W)`` is set."""
+    m = tl.load(m_ptr + ((b * D + z) * H + y) * W + x, mask=ok, other=0)
+    return ok & (m != 0)
+
+
+@triton.jit
+def _accumulate_tap(acc, src_ptr, w_ptr, row, ok, n, n_ok, K, N, kk, s_c,
+                    BLOCK_K: tl.constexpr, DEPTHWISE: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """One kernel tap ``kk``: acc[r, n] += sum_k src[row_r, k] * w[kk, k, n] over the K reduction channels
+    (depthwise: acc[r, n] += src[row_r, n] * w[kk, n]); rows outside ``ok`` read as zero."""
+    if DEPTHWISE:
+        a = tl.load(src_ptr + row[:, None] + n[None, :] * s_c, mask=ok[:, None] & n_ok[None, :], other=0.0)
+        wv = tl.load(w_ptr + kk * N + n, mask=n_ok, other=0.0)
+        acc += a.to(tl.float32) * wv.to(tl.float32)[None, :]
+    else:
+        for c0 in range(0, K, BLOCK_K):
+            k = c0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            a = tl.load(src_ptr + row[:, None] + k[None, :] * s_c, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + (kk * K + k[:, None]) * N + n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                wv = wv.to(tl.float32)
+            acc = tl.dot(a, wv, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _store_visible(acc, m_ptr, out_ptr, b, z, y, x, D, H, W, sb, sz, sy, sx, sc, n, n_ok, valid):
+    """Store the tile, zero where the output mask is not set."""
+    acc = tl.where(_visible(m_ptr, b, z, y, x, D, H, W, valid)[:, None], acc, 0.0)
+    ptr = out_ptr + (b * sb + z * sz + y * sy + x * sx)[:, None] + n[None, :] * sc
+    tl.store(ptr, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, mi_ptr, mo_ptr, out_ptr, tiles_ptr,
                     Ci, Co, Di, Hi, Wi, Do, Ho, Wo,
                     sxb, sxc, sxz, sxy, sxx, sob, soc, soz, soy, sox,
@@ -47,30 +86,13 @@ def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, mi_ptr, mo_ptr, out_ptr, tiles_ptr,
         iy = oy * SY - PY + ky
         ix = ox * SX - PX + kx
         ok = out_ok & (iz >= 0) & (iz < Di) & (iy >= 0) & (iy < Hi) & (ix >= 0) & (ix < Wi)
-        mv = tl.load(mi_ptr + ((b * Di + iz) * Hi + iy) * Wi + ix, mask=ok, other=0)
-        ok = ok & (mv != 0)
+        ok = _visible(mi_ptr, b, iz, iy, ix, Di, Hi, Wi, ok)
         row = b * sxb + iz * sxz + iy * sxy + ix * sxx
-        if DEPTHWISE:
-            a = tl.load(x_ptr + row[:, None] + co[None, :] * sxc, mask=ok[:, None] & co_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + kk * Co + co, mask=co_ok, other=0.0)
-            acc += a.to(tl.float32) * wv.to(tl.float32)[None, :]
-        else:
-            for c0 in range(0, Ci, BLOCK_K):
-                ci = c0 + tl.arange(0, BLOCK_K)
-                ci_ok = ci < Ci
-                a = tl.load(x_ptr + row[:, None] + ci[None, :] * sxc, mask=ok[:, None] & ci_ok[None, :], other=0.0)
-                wv = tl.load(w_ptr + (kk * Ci + ci[:, None]) * Co + co[None, :],
-                             mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    wv = wv.to(tl.float32)
-                acc = tl.dot(a, wv, acc, input_precision=PRECISION)
+        acc = _accumulate_tap(acc, x_ptr, w_ptr, row, ok, co, co_ok, Ci, Co, kk, sxc, BLOCK_K, DEPTHWISE,
+                              PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    mo = tl.load(mo_ptr + ((b * Do + oz) * Ho + oy) * Wo + ox, mask=out_ok, other=0)
-    acc = tl.where((mo != 0)[:, None], acc, 0.0)
-    optr = out_ptr + (b * sob + oz * soz + oy * soy + ox * sox)[:, None] + co[None, :] * soc
-    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=out_ok[:, None] & co_ok[None, :])
+    _store_visible(acc, mo_ptr, out_ptr, b, oz, oy, ox, Do, Ho, Wo, sob, soz, soy, sox, soc, co, co_ok, out_ok)
 
 
 @triton.jit
@@ -101,28 +123,11 @@ def conv_dgrad_kernel(g_ptr, w_ptr, mi_ptr, mo_ptr, gx_ptr, tiles_ptr,
         oy = ty // SY
         ox = tx // SX
         ok = ok & (oz < Do) & (oy < Ho) & (ox < Wo)
-        mv = tl.load(mo_ptr + ((b * Do + oz) * Ho + oy) * Wo + ox, mask=ok, other=0)
-        ok = ok & (mv != 0)
+        ok = _visible(mo_ptr, b, oz, oy, ox, Do, Ho, Wo, ok)
         row = b * sgb + oz * sgz + oy * sgy + ox * sgx
-        if DEPTHWISE:
-            gv = tl.load(g_ptr + row[:, None] + ci[None, :] * sgc, mask=ok[:, None] & ci_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + kk * Ci + ci, mask=ci_ok, other=0.0)
-            acc += gv.to(tl.float32) * wv.to(tl.float32)[None, :]
-        else:
-            for c0 in range(0, Co, BLOCK_K):
-                co = c0 + tl.arange(0, BLOCK_K)
-                co_ok = co < Co
-                gv = tl.load(g_ptr + row[:, None] + co[None, :] * sgc, mask=ok[:, None] & co_ok[None, :], other=0.0)
-                wv = tl.load(w_ptr + (kk * Co + co[:, None]) * Ci + ci[None, :],
-                             mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
-                if UPCAST:
-                    gv = gv.to(tl.float32)
-                    wv = wv.to(tl.float32)
-                acc = tl.dot(gv, wv, acc, input_precision=PRECISION)
-    mi = tl.load(mi_ptr + ((b * Di + iz) * Hi + iy) * Wi + ix, mask=in_ok, other=0)
-    acc = tl.where((mi != 0)[:, None], acc, 0.0)
-    optr = gx_ptr + (b * sib + iz * siz + iy * siy + ix * six)[:, None] + ci[None, :] * sic
-    tl.store(optr, acc.to(gx_ptr.dtype.element_ty), mask=in_ok[:, None] & ci_ok[None, :])
+        acc = _accumulate_tap(acc, g_ptr, w_ptr, row, ok, ci, ci_ok, Co, Ci, kk, sgc, BLOCK_K, DEPTHWISE,
+                              PRECISION, UPCAST)
+    _store_visible(acc, mi_ptr, gx_ptr, b, iz, iy, ix, Di, Hi, Wi, sib, siz, siy, six, sic, ci, ci_ok, in_ok)
 
 
 @triton.jit
@@ -156,14 +161,12 @@ def conv_wgrad_kernel(x_ptr, g_ptr, mi_ptr, mo_ptr, dw_ptr, tiles_ptr, n_tiles,
     for t in range(split, n_tiles, SPLIT):
         b, oz, oy, ox = _tile_coords(tiles_ptr, t, TZ, TY, TX)
         out_ok = (oz < Do) & (oy < Ho) & (ox < Wo)
-        mv = tl.load(mo_ptr + ((b * Do + oz) * Ho + oy) * Wo + ox, mask=out_ok, other=0)
-        ok_o = out_ok & (mv != 0)
+        ok_o = _visible(mo_ptr, b, oz, oy, ox, Do, Ho, Wo, out_ok)
         iz = oz * SZ - PZ + kz
         iy = oy * SY - PY + ky
         ix = ox * SX - PX + kx
         ok_i = ok_o & (iz >= 0) & (iz < Di) & (iy >= 0) & (iy < Hi) & (ix >= 0) & (ix < Wi)
-        mi = tl.load(mi_ptr + ((b * Di + iz) * Hi + iy) * Wi + ix, mask=ok_i, other=0)
-        ok_i = ok_i & (mi != 0)
+        ok_i = _visible(mi_ptr, b, iz, iy, ix, Di, Hi, Wi, ok_i)
         xrow = b * sxb + iz * sxz + iy * sxy + ix * sxx
         grow = b * sgb + oz * sgz + oy * sgy + ox * sgx
         gv = tl.load(g_ptr + grow[:, None] + co[None, :] * sgc, mask=ok_o[:, None] & co_ok[None, :], other=0.0)
