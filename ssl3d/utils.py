@@ -6,7 +6,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 class BadInputError(Exception):
@@ -74,3 +74,13 @@ def env_dir(name: str) -> Path | None:
     """Value of an nnU-Net path variable (nnUNet_raw, nnUNet_preprocessed, nnUNet_results) or None."""
     value = os.environ.get(name)
     return Path(value) if value else None
+
+
+def as_triple(v: "int | Sequence[int]") -> tuple[int, int, int]:
+    """An int or three ints (per-axis kernel, stride, cell...) as a tuple of three ints."""
+    if isinstance(v, int):
+        return (v, v, v)
+    t = tuple(int(i) for i in v)
+    if len(t) != 3:
+        raise ValueError(f"expected an int or 3 ints, got {v!r}")
+    return t  # type: ignore[return-value]

@@ -10,9 +10,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ssl3d.utils import as_triple
 
-def _t3(v: int | Sequence[int]) -> tuple[int, int, int]:
-    return (v, v, v) if isinstance(v, int) else tuple(int(i) for i in v)  # type: ignore[return-value]
 
 
 class LayerNormCF(nn.Module):
@@ -39,7 +38,7 @@ class MedNeXtBlock(nn.Module):
     def __init__(self, channels: int, kernel_size: int | Sequence[int] = 7, expansion: int = 4,
                  norm_eps: float = 1e-6):
         super().__init__()
-        k = _t3(kernel_size)
+        k = as_triple(kernel_size)
         self.dw = nn.Conv3d(channels, channels, k, padding=tuple(i // 2 for i in k), groups=channels)
         self.norm = LayerNormCF(channels, norm_eps)
         self.expand = nn.Conv3d(channels, channels * expansion, 1)
@@ -56,7 +55,7 @@ class MedNeXtStage(nn.Module):
                  kernel_size: int | Sequence[int] = 7, expansion: int = 4,
                  stride: int | Sequence[int] = 1):
         super().__init__()
-        s = _t3(stride)
+        s = as_triple(stride)
         self.stride = s
         self.pool = nn.MaxPool3d(s, s) if any(i > 1 for i in s) else nn.Identity()
         self.proj = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -88,7 +87,7 @@ class MedNeXtEncoder(nn.Module):
             c_in = features_per_stage[i]
         self.stages = nn.Sequential(*stages)
         self.output_channels = list(features_per_stage)
-        self.strides = [_t3(s) for s in strides]
+        self.strides = [as_triple(s) for s in strides]
         self.return_skips = return_skips
 
     def forward(self, x):

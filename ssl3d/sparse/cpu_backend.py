@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ssl3d.utils import as_triple
+
 from .tensor import Layout, cells_view
 
 log = logging.getLogger(__name__)
@@ -44,9 +46,6 @@ class BlockPlan:
         return int(self.idx[0].numel())
 
 
-def _t3(v: int | Sequence[int]) -> tuple[int, int, int]:
-    return (v, v, v) if isinstance(v, int) else tuple(int(i) for i in v)  # type: ignore[return-value]
-
 
 def make_plan(lay_in: Layout, lay_out: Layout, kernel: Sequence[int], stride: Sequence[int],
               padding: Sequence[int]) -> BlockPlan:
@@ -54,7 +53,7 @@ def make_plan(lay_in: Layout, lay_out: Layout, kernel: Sequence[int], stride: Se
     plan = lay_out.cache.get(key)
     if plan is not None:
         return plan
-    co, k, s, p = lay_out.cell_size, _t3(kernel), _t3(stride), _t3(padding)
+    co, k, s, p = lay_out.cell_size, as_triple(kernel), as_triple(stride), as_triple(padding)
     step = tuple(c * st for c, st in zip(co, s))
     window = tuple((c - 1) * st + kk for c, st, kk in zip(co, s, k))
     grid = lay_out.cells.shape[1:]

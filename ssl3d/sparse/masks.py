@@ -12,16 +12,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ssl3d.utils import as_triple
+
 Triple = tuple[int, int, int]
-
-
-def _triple(v: int | Sequence[int]) -> Triple:
-    if isinstance(v, int):
-        return (v, v, v)
-    t = tuple(int(i) for i in v)
-    if len(t) != 3:
-        raise ValueError(f"expected an int or 3 ints, got {v!r}")
-    return t  # type: ignore[return-value]
 
 
 def random_cell_mask(batch: int, grid: int | Sequence[int], ratio: float,
@@ -34,7 +27,7 @@ def random_cell_mask(batch: int, grid: int | Sequence[int], ratio: float,
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
-    g = _triple(grid)
+    g = as_triple(grid)
     n = g[0] * g[1] * g[2]
     n_masked = int(round(ratio * n))
     scores = torch.rand(batch, n, generator=generator)  # on CPU so the seed gives the same mask on any device
@@ -51,7 +44,7 @@ def upsample_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """
     if mask.dim() != 4:
         raise ValueError(f"mask must be (B, gz, gy, gx), got shape {tuple(mask.shape)}")
-    shape = _triple(shape)
+    shape = as_triple(shape)
     if tuple(mask.shape[1:]) == shape:
         return mask
     out = mask
@@ -66,7 +59,7 @@ def total_stride(strides: Sequence[int | Sequence[int]]) -> Triple:
     """Per-axis product of per-stage strides: the input voxels per voxel after the last of them."""
     out = [1, 1, 1]
     for s in strides:
-        out = [a * b for a, b in zip(out, _triple(s))]
+        out = [a * b for a, b in zip(out, as_triple(s))]
     return tuple(out)  # type: ignore[return-value]
 
 
@@ -77,10 +70,10 @@ def mask_pyramid(cell_mask: torch.Tensor, cell_size: int | Sequence[int],
     The input resolution is ``grid * cell_size``; entry ``s`` is the mask after applying ``strides[0..s]``
     (ResidualEncoder convention: ``strides[0]`` is usually 1). Strides may be anisotropic.
     """
-    size = [g * c for g, c in zip(cell_mask.shape[1:], _triple(cell_size))]
+    size = [g * c for g, c in zip(cell_mask.shape[1:], as_triple(cell_size))]
     out = []
     for s in strides:
-        st = _triple(s)
+        st = as_triple(s)
         size = [max(1, z // t) for z, t in zip(size, st)]
         out.append(upsample_mask(cell_mask, size))
     return out
@@ -104,9 +97,9 @@ def bottom_up_masks(batch: int, token_grid: int | Sequence[int], ratio: float,
     ``stage_strides[s]`` is the stride applied at the start of CNN stage ``s``; the ViT grid is the
     resolution after the last stage, so stage ``s`` resolution = token_grid * prod(stage_strides[s+1:]).
     """
-    tg = _triple(token_grid)
+    tg = as_triple(token_grid)
     token_mask = random_cell_mask(batch, tg, ratio, generator, device)
-    strides = [_triple(s) for s in stage_strides]
+    strides = [as_triple(s) for s in stage_strides]
     sizes: list[list[int]] = []
     size = list(tg)
     for st in reversed(strides):

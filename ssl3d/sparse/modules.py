@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl3d.architectures.mednext import LayerNormCF
+from ssl3d.utils import as_triple
 
 from . import cpu_backend, ops
 from .tensor import SparseTensor
@@ -72,8 +73,8 @@ class SparseConvTranspose3d(_SparseMixin, nn.ConvTranspose3d):
 def _pools_within_cells(lin, lout, kernel, stride, padding, dilation) -> bool:
     """Non-overlapping pooling windows that tile every cell, with both layouts on the same cell grid: then
     pooling the compact stack gives the output's compact stack (same cells, same order)."""
-    t3 = ops._t3
-    k, s, p, d = t3(kernel), t3(stride if stride is not None else kernel), t3(padding), t3(dilation)
+    k, s, p, d = (as_triple(kernel), as_triple(stride if stride is not None else kernel), as_triple(padding),
+                  as_triple(dilation))
     return (lin.cells is lout.cells and k == s and all(v == 0 for v in p) and all(v == 1 for v in d)
             and all(ci == co * si for ci, co, si in zip(lin.cell_size, lout.cell_size, s)))
 

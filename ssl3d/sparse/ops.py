@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ssl3d.utils import as_triple
+
 from . import cpu_backend, reference
 from .norms import masked_norm
 from .tensor import Layout, as_layout
@@ -23,9 +25,6 @@ from .tensor import Layout, as_layout
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
-
-def _t3(v: int | Sequence[int]) -> tuple[int, int, int]:
-    return (v, v, v) if isinstance(v, int) else tuple(int(i) for i in v)  # type: ignore[return-value]
 
 
 def _triton():
@@ -73,7 +72,7 @@ def sparse_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     lin, lout = as_layout(mask_in), as_layout(mask_out)
     if lin is None and lout is None:
         return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
-    s, p, d = _t3(stride), _t3(padding), _t3(dilation)
+    s, p, d = as_triple(stride), as_triple(padding), as_triple(dilation)
     if lin is None or lout is None:
         return reference.conv3d(x, weight, bias, s, p, d, groups, lin, lout)
     be = choose_conv_backend(backend, x, weight, s, p, d, groups, lin, lout)
