@@ -7,8 +7,6 @@ mask is False (``SparseTensor`` features always are; pass ``masked_input=False``
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .tensor import Layout
@@ -122,14 +120,12 @@ def masked_norm(x: torch.Tensor, mask: Layout, mode: str, weight: torch.Tensor |
     ``stats_out`` (optional list) receives (mean, biased var, count) for running-stat updates.
     """
     if compact:
-        seg = mask.cell_index[0]
-        n_vis = torch.bincount(seg, minlength=mask.cells.shape[0]) * math.prod(mask.cell_size)
-        return _MaskedNorm.apply(x, weight, bias, None, seg, n_vis, mode, groups, eps, stats_out)
+        return _MaskedNorm.apply(x, weight, bias, None, mask.cell_index[0], mask.visible_per_sample, mode, groups,
+                                 eps, stats_out)
     m = mask.float_mask(x.dtype)
     if not masked_input:
         x = x * m
-    n_vis = m.reshape(m.shape[0], -1).sum(1)
-    return _MaskedNorm.apply(x, weight, bias, m, None, n_vis, mode, groups, eps, stats_out)
+    return _MaskedNorm.apply(x, weight, bias, m, None, mask.visible_per_sample, mode, groups, eps, stats_out)
 
 
 __all__ = ["masked_norm"]

@@ -7,6 +7,7 @@ modules (nn.Sequential, dynamic-network-architectures blocks) propagate it witho
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -95,6 +96,14 @@ class Layout:
         if compact.shape[0]:
             cells_view(out, self.cell_size)[self.cell_index] = compact
         return out
+
+    @property
+    def visible_per_sample(self) -> torch.Tensor:
+        """``(B,)`` long: visible voxels of each sample at this resolution."""
+        if "visible_per_sample" not in self.cache:
+            counts = torch.bincount(self.cell_index[0], minlength=self.cells.shape[0])
+            self.cache["visible_per_sample"] = counts * math.prod(self.cell_size)
+        return self.cache["visible_per_sample"]
 
     @property
     def active_fraction(self) -> float:
