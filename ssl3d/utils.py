@@ -21,7 +21,7 @@ class BadInputError(Exception):
         return f"{self.path}: {self.problem}" if self.path else self.problem
 
 
-def _atomic_write(path: Path, write_fn, mode: str) -> None:
+def atomic_write(path: str | os.PathLike, write_fn, mode: str = "wb") -> None:
     """Write through a temporary file in the same folder, then rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,11 +58,11 @@ def _json_default(o: Any):
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    _atomic_write(Path(path), lambda f: json.dump(obj, f, indent=2, default=_json_default, ensure_ascii=False), "w")
+    atomic_write(Path(path), lambda f: json.dump(obj, f, indent=2, default=_json_default, ensure_ascii=False), "w")
 
 
 def write_pickle(path: str | os.PathLike, obj: Any) -> None:
-    _atomic_write(Path(path), lambda f: pickle.dump(obj, f), "wb")
+    atomic_write(Path(path), lambda f: pickle.dump(obj, f), "wb")
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from ssl3d.training.export import export_weights, find_pretraining, load_pretrained_method
+    from ssl3d.training.export import find_pretraining, load_pretrained_method, write_downstream_weights
 
     pre_root = env_dir("nnUNet_preprocessed")
     if pre_root is None or env_dir("nnUNet_raw") is None or env_dir("nnUNet_results") is None:
@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.scratch:
         n_classes = len(read_json(raw_dj)["labels"])
         weights = target / f"{plans_name}__pretrained_weights.pth"
-        export_weights(args.p, weights, num_classes=n_classes)
+        write_downstream_weights(method, info, folder, ckpt, weights, n_classes)
         cmd += ["-pretrained_weights", str(weights)]
     # nnU-Net's final validation otherwise spawns 8 export workers whatever the machine has
     return run_nnunet(cmd, {"nnUNet_def_n_proc": str(args.np)}, dry_run=args.prepare_only)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl3d.utils import atomic_write
+
 
 def save_reconstruction_preview(image: np.ndarray, visible: np.ndarray, reconstruction: np.ndarray,
                                 path: str | os.PathLike, title: str = "") -> Path:
@@ -42,9 +44,8 @@ def _draw(image, visible, reconstruction, path: Path, title: str, plt) -> Path:
     if title:
         fig.suptitle(title, fontsize=12)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp_{path.name}")
-    fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    finally:
+        plt.close(fig)
     return path

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ssl3d.training.methods import SSLMethod, build_method
-from ssl3d.utils import BadInputError, read_json
+from ssl3d.utils import BadInputError, atomic_write, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,12 @@ def export_weights(results: str | os.PathLike, output: str | os.PathLike, num_cl
     """Write ``{'network_weights': full downstream state_dict}`` (CPU tensors). Returns a summary."""
     folder, ckpt = find_pretraining(results, fold)
     method, plans, info = load_pretrained_method(folder, ckpt)
+    return {**write_downstream_weights(method, info, folder, ckpt, output, num_classes), "plans": plans}
+
+
+def write_downstream_weights(method: SSLMethod, info: dict, folder: Path, ckpt: Path,
+                             output: str | os.PathLike, num_classes: int) -> dict:
+    """The downstream network with ``method``'s pretrained encoder (from ``load_pretrained_method``), saved."""
     arch = method.downstream_architecture()
     n_channels = len(read_json(folder / "dataset.json")["channel_names"])
     net = build_downstream(arch, n_channels, num_classes)
@@ -113,9 +119,6 @@ def export_weights(results: str | os.PathLike, output: str | os.PathLike, num_cl
     payload = {"network_weights": state, "ssl3d": {"method": info["name"], "source_checkpoint": str(ckpt),
                                                    "architecture": arch, "encoder_tensors": copied}}
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".tmp_{output.name}")
-    torch.save(payload, tmp)
-    os.replace(tmp, output)
+    atomic_write(output, lambda f: torch.save(payload, f))
     logger.info("exported %s (%d pretrained encoder tensors, %d total) from %s", output, copied, len(state), ckpt)
-    return {"file": output, "architecture": arch, "plans": plans, "method": info["name"], "encoder_tensors": copied}
+    return {"file": output, "architecture": arch, "method": info["name"], "encoder_tensors": copied}
