@@ -21,6 +21,24 @@ class BadInputError(Exception):
         return f"{self.path}: {self.problem}" if self.path else self.problem
 
 
+class BadInputs(Exception):
+    """Several bad inputs at once; each line names a file and its problem."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+# nnU-Net's own seed (its cross-validation split); every seeded choice in ssl3d derives from a seed like this
+DEFAULT_SEED = 12345
+
+
+def unwrap_network(network: Any) -> Any:
+    """The plain module behind DDP and ``torch.compile`` wrappers (what owns the state_dict keys)."""
+    net = getattr(network, "module", network) if type(network).__name__ == "DistributedDataParallel" else network
+    return getattr(net, "_orig_mod", net)
+
+
 def atomic_write(path: str | os.PathLike, write_fn, mode: str = "wb") -> None:
     """Write through a temporary file in the same folder, then rename, so readers never see half a file."""
     path = Path(path)

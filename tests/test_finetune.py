@@ -9,9 +9,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ssl3d.training.export import EncoderMismatchError, build_downstream, transfer_encoder
-from ssl3d.training.finetune import few_shot_subset
-from ssl3d.training.medcontext import ema_momentum, mask_cells, relative_consistency
+from ssl3d.architectures.from_plans import build_network_from_plans as build_downstream
+from ssl3d.training.export import EncoderMismatchError, transfer_encoder
+from ssl3d.training.finetuning.trainer import few_shot_subset
+from ssl3d.training.finetuning.medcontext import ema_momentum, mask_cells, relative_consistency
 
 BIN = Path(sys.executable).parent
 

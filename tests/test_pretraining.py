@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from conftest import blob_batch, ct_volume, write_image
-from ssl3d.training.methods import build_method
+from ssl3d.training.methods import build_method, method_specs
 
 BIN = Path(sys.executable).parent
-TINY = {"mae": {"size": "tiny"}, "spark": {"size": "tiny", "backend": "reference"},
-        "hyspark": {"size": "tiny", "backend": "reference"}}
+# every registered method in its tiny configuration (sparse ones on the reference backend)
+TINY = {name: {**spec.tiny, **({"backend": "reference"} if spec.sparse else {})}
+        for name, spec in method_specs().items()}
 ARCH = {  # what the planner gives a 16x32x32 patch at 2x1x1 mm, as in tiny_pool
     "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
     "arch_kwargs": {"n_stages": 4, "features_per_stage": [32, 64, 128, 256], "conv_op": "torch.nn.modules.conv.Conv3d",
@@ -77,7 +78,7 @@ def test_mae_masked_input_never_reaches_the_encoder():
     assert not torch.equal(x, x2)
 
 
-@pytest.mark.parametrize("method", ["spark", "hyspark"])
+@pytest.mark.parametrize("method", sorted(n for n, s in method_specs().items() if s.sparse))
 def test_cnn_masked_input_never_changes_visible_features(method):
     m = tiny_method(method).eval()
     x = blob_batch(0)

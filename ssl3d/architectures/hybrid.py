@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ssl3d.architectures.mednext import MedNeXtEncoder
+from ssl3d.architectures.unet_decoder import UNetDecoder
 from ssl3d.architectures.vit import (TransformerStack, gather_tokens, init_vit_weights, num_heads_for, scatter_tokens,
                                      sincos_position_embedding)
 from ssl3d.sparse import sparse_forward, sparsify, visible_token_indices
@@ -59,40 +60,6 @@ class HybridEncoder(nn.Module):
         return list(skips[:-1]) + [vit_map]
 
 
-class HybridUNetDecoder(nn.Module):
-    """U-Net decoder with skip concatenation at every level and optional deep-supervision heads."""
-
-    def __init__(self, channels: Sequence[int], strides: Sequence[Sequence[int]], num_classes: int,
-                 deep_supervision: bool = False):
-        super().__init__()
-        from ssl3d.training.methods.decoders import conv_norm_act
-
-        self.deep_supervision = deep_supervision
-        n = len(channels)
-        self.transpconvs = nn.ModuleList()
-        self.stages = nn.ModuleList()
-        self.seg_layers = nn.ModuleList()
-        for s in range(n - 2, -1, -1):
-            st = tuple(strides[s + 1])
-            self.transpconvs.append(nn.ConvTranspose3d(channels[s + 1], channels[s], st, st))
-            self.stages.append(nn.Sequential(conv_norm_act(2 * channels[s], channels[s]),
-                                             conv_norm_act(channels[s], channels[s])))
-            self.seg_layers.append(nn.Conv3d(channels[s], num_classes, 1))
-        st0 = tuple(strides[0])
-        self.final_up = nn.ConvTranspose3d(channels[0], channels[0], st0, st0) if any(i > 1 for i in st0) \
-            else nn.Identity()
-
-    def forward(self, skips: Sequence[torch.Tensor]):
-        y = skips[-1]
-        outs = []
-        for i, (up, stage, seg) in enumerate(zip(self.transpconvs, self.stages, self.seg_layers)):
-            y = stage(torch.cat([up(y), skips[len(skips) - 2 - i]], 1))
-            if self.deep_supervision or i == len(self.stages) - 1:
-                outs.append(seg(self.final_up(y)) if i == len(self.stages) - 1 else seg(y))
-        outs = outs[::-1]  # highest resolution first, as nnU-Net expects
-        return outs if self.deep_supervision else outs[0]
-
-
 class HybridUNet(nn.Module):
     """Downstream network for ``hyspark`` weights; constructor signature as nnU-Net calls architectures."""
 
@@ -103,7 +70,7 @@ class HybridUNet(nn.Module):
         super().__init__()
         self.encoder = HybridEncoder(input_channels, features_per_stage, strides, kernel_sizes, n_blocks_per_stage,
                                      depthwise_kernel, expansion, vit_dim, vit_depth)
-        self.decoder = HybridUNetDecoder(self.encoder.output_channels, strides, num_classes, deep_supervision)
+        self.decoder = UNetDecoder(self.encoder.output_channels, strides, num_classes, "concat", deep_supervision)
 
     def forward(self, x: torch.Tensor):
         return self.decoder(self.encoder(x))

@@ -10,28 +10,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ssl3d.layers import LayerNormCF
 from ssl3d.utils import as_triple
-
-
-
-class LayerNormCF(nn.Module):
-    """LayerNorm over the channel axis of ``(B, C, D, H, W)`` (ConvNeXt's channels-first LayerNorm)."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.num_channels = num_channels
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + self.eps)
-        return y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps}"
 
 
 class MedNeXtBlock(nn.Module):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ssl3d.architectures.vit import ViTEncoder
+from ssl3d.layers import conv_norm_act
 
 
 def _upsampling_steps(patch: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -42,8 +43,6 @@ class ViTSegNet(nn.Module):
 class _ViTDecoder(nn.Module):
     def __init__(self, in_channels: int, dim: int, patch: Sequence[int], width: int, num_classes: int):
         super().__init__()
-        from ssl3d.training.methods.decoders import conv_norm_act
-
         steps = _upsampling_steps(patch)
         chans = [max(width, dim // 2 ** (i + 1)) for i in range(len(steps))]
         ups, c = [], dim

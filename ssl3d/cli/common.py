@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Callable
 
-from ssl3d.utils import BadInputError
+from ssl3d.utils import BadInputError, BadInputs
 
 EXIT_BAD_INPUT = 2
 
@@ -20,8 +20,6 @@ def setup_logging(verbose: bool = False) -> None:
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
             argv: list[str] | None = None) -> int:
     """Parse, run, and map known failures to one-line messages without tracebacks."""
-    from ssl3d.preprocessing.pipeline import BadInputs
-
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
     try:

@@ -16,57 +16,11 @@ import sys
 from pathlib import Path
 
 from ssl3d.cli.common import run_cli
+from ssl3d.inference.nnunet_bridge import ext_trainer_path, nnunet_dataset_name, run_nnunet
+from ssl3d.planning.plan_transfer import finetune_plans
 from ssl3d.utils import BadInputError, env_dir, read_json, write_json
 
 logger = logging.getLogger("ssl3d")
-EXT_DIR = Path(__file__).resolve().parent.parent / "nnunet_ext"
-
-
-def ext_trainer_path() -> str:
-    """``nnUNet_extTrainer`` value with ssl3d's shim folder added to whatever the user already has."""
-    current = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    return os.pathsep.join([str(EXT_DIR)] + [p for p in current if p != str(EXT_DIR)])
-
-
-def run_nnunet(cmd: list[str], env_defaults: dict | None = None, dry_run: bool = False) -> int:
-    """Run a stock nnU-Net command (from this environment's bin folder) with ssl3d's trainer shims visible."""
-    env = {**(env_defaults or {}), **os.environ, "nnUNet_extTrainer": ext_trainer_path()}
-    logger.info("export nnUNet_extTrainer=%s", env["nnUNet_extTrainer"])
-    logger.info("%s", " ".join(cmd))
-    if dry_run:
-        return 0
-    bin_dir = Path(sys.executable).parent
-    exe = str(bin_dir / cmd[0]) if (bin_dir / cmd[0]).exists() else cmd[0]
-    return subprocess.run([exe, *cmd[1:]], env=env).returncode
-
-
-def finetune_plans(pretrain_plans: dict, architecture: dict, dataset_name: str, plans_name: str,
-                   options: dict) -> dict:
-    """The pretraining plans re-targeted to a labeled dataset.
-
-    Spacing, transpose, patch size and normalization (with the pool's intensity statistics, i.e. the input
-    distribution the encoder was trained on) are kept; the architecture is the method's downstream network.
-    A fixed CT window has no nnU-Net scheme, so it becomes nnU-Net's CTNormalization with statistics that
-    make it the same map: clip to [lo, hi], subtract lo, divide by hi - lo.
-    """
-    plans = copy.deepcopy(pretrain_plans)
-    plans.pop("continue_training", None)
-    cfg = plans["configurations"]["3d_fullres"]
-    fg = plans["foreground_intensity_properties_per_channel"]
-    for c, scheme in enumerate(cfg["normalization_schemes"]):
-        if scheme == "CTWindowNormalization":
-            lo, hi = cfg["ssl3d"]["normalization_kwargs"][c]["window"]
-            fg[str(c)] = {**fg.get(str(c), {}), "mean": lo, "std": hi - lo, "percentile_00_5": lo,
-                          "percentile_99_5": hi}
-            cfg["normalization_schemes"][c] = "CTNormalization"
-    plans["dataset_name"] = dataset_name
-    plans["plans_name"] = plans_name
-    cfg["architecture"] = copy.deepcopy(architecture)
-    cfg["data_identifier"] = f"{plans_name.removesuffix('_scratch')}_3d_fullres"
-    cfg["batch_size"] = int(options.pop("batch_size", 2))
-    cfg["ssl3d_finetune"] = options
-    cfg["batch_dice"] = True
-    return plans
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     shots = p.add_mutually_exclusive_group()
     shots.add_argument("--n-train", type=int, default=None, help="few-shot: K training cases of the fold")
     shots.add_argument("--fraction", type=float, default=None, help="few-shot: this fraction of the fold")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for initialisation, data order and augmentation (default nnU-Net's 12345)")
     p.add_argument("--no-final-val", action="store_true", help="skip nnU-Net's final sliding-window validation")
     p.add_argument("--prepare-only", action="store_true", help="plan, preprocess and export; do not train")
     return p
@@ -97,17 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     from ssl3d.training.export import find_pretraining, load_pretrained_method, write_downstream_weights
 
     pre_root = env_dir("nnUNet_preprocessed")
     if pre_root is None or env_dir("nnUNet_raw") is None or env_dir("nnUNet_results") is None:
         raise BadInputError(None, "set nnUNet_raw, nnUNet_preprocessed and nnUNet_results")
-    try:
-        dataset = maybe_convert_to_dataset_name(int(args.d) if str(args.d).isdigit() else args.d)
-    except RuntimeError as e:
-        raise BadInputError(None, f"dataset {args.d}: {str(e).splitlines()[0]}") from None
+    dataset = nnunet_dataset_name(args.d)
     dataset_id = int(dataset[7:10])
     folder, ckpt = find_pretraining(args.p)
     method, pplans, info = load_pretrained_method(folder, ckpt)
@@ -116,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
         "num_epochs": args.epochs, "num_iterations_per_epoch": args.iters, "num_val_iterations_per_epoch":
         args.val_iters, "lr": args.lr, "warmup": args.warmup, "warmup_epochs": args.warmup_epochs,
         "encoder_lr_factor": args.encoder_lr_factor, "optimizer": args.optimizer, "n_train": args.n_train,
-        "fraction": args.fraction, "final_validation": not args.no_final_val, "batch_size": args.batch_size,
+        "fraction": args.fraction, "seed": args.seed, "final_validation": not args.no_final_val, "batch_size": args.batch_size,
         "pretrained_from": str(ckpt), "method": info["name"]}.items() if v is not None}
     plans = finetune_plans(pplans, method.downstream_architecture(), dataset, plans_name, options)
 

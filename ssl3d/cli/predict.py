@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 from ssl3d.cli.common import run_cli
-from ssl3d.cli.finetune import run_nnunet
-from ssl3d.utils import BadInputError, env_dir
+from ssl3d.inference.nnunet_bridge import nnunet_dataset_name, resolve_model, run_nnunet
+from ssl3d.utils import BadInputError
 
 logger = logging.getLogger("ssl3d")
 
@@ -33,38 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_model(dataset: str, trainer: str, plans: str | None) -> tuple[Path, str]:
-    """The results folder ``<trainer>__<plans>__3d_fullres`` and its plans identifier."""
-    root = env_dir("nnUNet_results")
-    if root is None:
-        raise BadInputError(None, "set nnUNet_results (the folder ssl_finetune trained into)")
-    base = root / dataset
-    if plans is not None:
-        folder = base / f"{trainer}__{plans}__3d_fullres"
-        if not folder.is_dir():
-            raise BadInputError(folder, "no fine-tuned model here (check -d, -p and -tr)")
-        return folder, plans
-    found = sorted(base.glob(f"{trainer}__*__3d_fullres")) if base.is_dir() else []
-    if not found:
-        raise BadInputError(base, f"no {trainer} results for this dataset; run ssl_finetune first")
-    if len(found) > 1:
-        names = ", ".join(f.name.split("__")[1] for f in found)
-        raise BadInputError(base, f"several fine-tuned plans ({names}); choose one with -p")
-    return found[0], found[0].name.split("__")[1]
-
-
 def _run(args: argparse.Namespace) -> int:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     src = Path(args.i)
     if not src.is_dir():
         raise BadInputError(src, "input folder does not exist")
     if not any(src.glob("*_0000.*")):
         raise BadInputError(src, "no images named <case>_0000.<ext> (nnU-Net's channel naming)")
-    try:
-        dataset = maybe_convert_to_dataset_name(int(args.d) if str(args.d).isdigit() else args.d)
-    except RuntimeError as e:
-        raise BadInputError(None, f"dataset {args.d}: {str(e).splitlines()[0]}") from None
+    dataset = nnunet_dataset_name(args.d)
     folder, plans = resolve_model(dataset, args.tr, args.p)
     for f in args.f:
         ckpt = folder / (f"fold_{f}" if f != "all" else "fold_all") / args.chk

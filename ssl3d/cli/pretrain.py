@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ssl3d.cli.common import run_cli
+from ssl3d.training.methods import available_methods
 from ssl3d.utils import BadInputError, env_dir, read_json
 
 logger = logging.getLogger("ssl3d")
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-od", default=None, help="with -i: pool dataset id/name (default Dataset900_SSLPool)")
     src.add_argument("-np", type=int, default=4, help="with -i: preprocessing processes")
     src.add_argument("-p", default="ssl3dPlans", help="plans identifier (default ssl3dPlans)")
-    p.add_argument("-m", "--method", required=True, help="SSL method: spark, hyspark, mae")
+    p.add_argument("-m", "--method", required=True, choices=sorted(available_methods()), metavar="METHOD",
+                   help="SSL method: " + "; ".join(f"{k}: {v}" for k, v in available_methods().items()))
     p.add_argument("-f", "--fold", default="0", help="0..n: hold out a seeded 5%% for validation; 'all': none")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_train")
     p.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
@@ -35,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="training patch (transposed axis order as in the plans)")
     p.add_argument("--mask-ratio", type=float, default=None)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 x batch/2)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's, see README)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for masks, initialisation, data order and augmentation (default 12345)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"],
                    help="sparse convolution backend (spark, hyspark)")
     p.add_argument("--size", default=None, help="architecture preset of the method (e.g. tiny, S, B)")
@@ -85,12 +89,8 @@ def make_trainer(args: argparse.Namespace):
     """Resolve the pool, apply CLI overrides to the plans, set up DDP if launched by torchrun, build the trainer."""
     import torch
 
-    from ssl3d.training.methods import available_methods
-    from ssl3d.training.pretrainer import PRETRAINERS
+    from ssl3d.training.pretraining import pretrainer_class
 
-    if args.method not in PRETRAINERS or args.method not in available_methods():
-        raise SystemExit(f"ssl_pretrain: error: unknown method '{args.method}' (choose from "
-                         f"{', '.join(sorted(set(PRETRAINERS) & set(available_methods())))})")
     pool = _prepare_pool(args)
     plans_file = pool / f"{args.p}.json"
     for f in (plans_file, pool / "dataset.json", pool / "dataset_fingerprint.json"):
@@ -116,11 +116,11 @@ def make_trainer(args: argparse.Namespace):
         raise SystemExit("ssl_pretrain: error: CUDA is not available; use -device cpu")
     _maybe_init_distributed(args.device)
     fold = args.fold if args.fold == "all" else int(args.fold)
-    trainer = PRETRAINERS[args.method](plans, "3d_fullres", fold, read_json(pool / "dataset.json"),
+    trainer = pretrainer_class(args.method)(plans, "3d_fullres", fold, read_json(pool / "dataset.json"),
                                        torch.device(args.device))
     for opt, attr in (("epochs", "num_epochs"), ("iters", "num_iterations_per_epoch"),
                       ("val_iters", "num_val_iterations_per_epoch"), ("lr", "initial_lr"),
-                      ("save_every", "save_every"), ("preview_every", "preview_every")):
+                      ("save_every", "save_every"), ("preview_every", "preview_every"), ("seed", "seed")):
         if getattr(args, opt) is not None:
             setattr(trainer, attr, getattr(args, opt))
     trainer.sparse_backend = args.backend

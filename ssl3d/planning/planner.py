@@ -26,7 +26,7 @@ from nnunetv2.configuration import ANISO_THRESHOLD
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
-from ssl3d.sparse import masks
+from ssl3d.layers import total_stride
 
 logger = logging.getLogger(__name__)
 
@@ -90,24 +90,24 @@ def plan_topology(spacing: Sequence[float], median_shape: Sequence[int], patch_v
             trial = list(patch)
             trial[axis] -= int(divisible[axis])
         _, strides, kernels, patch, divisible = get_pool_and_conv_props(spacing, trial, MIN_FEATURE_MAP, 999999)
-    total_stride = [int(d) for d in divisible]
-    cell = list(total_stride) if mask_cell_size is None else [int(c) for c in mask_cell_size]
-    if any(c % s != 0 for c, s in zip(cell, total_stride)):
-        raise ValueError(f"mask cell size {cell} must be a multiple of the encoder's total stride {total_stride}")
-    final_patch = _round_up(patch, _lcm(cell, total_stride))
+    encoder_stride = [int(d) for d in divisible]
+    cell = list(encoder_stride) if mask_cell_size is None else [int(c) for c in mask_cell_size]
+    if any(c % s != 0 for c, s in zip(cell, encoder_stride)):
+        raise ValueError(f"mask cell size {cell} must be a multiple of the encoder's total stride {encoder_stride}")
+    final_patch = _round_up(patch, _lcm(cell, encoder_stride))
     if patch_size is not None and list(final_patch) != [int(p) for p in patch_size]:
         logger.warning("patch size %s adjusted to %s (divisible by stride %s and mask cell %s)",
-                       list(patch_size), final_patch, total_stride, cell)
+                       list(patch_size), final_patch, encoder_stride, cell)
     strides = [list(s) for s in strides]
     # Hybrid models hand over to a ViT after at most four downsamplings (96^3 -> 6^3 tokens in HySparK).
     n_down = len(strides) - 1
     junction_stage = min(MAX_HYBRID_DOWNSAMPLINGS, n_down)
-    junction_stride = list(masks.total_stride(strides[:junction_stage + 1]))
+    junction_stride = list(total_stride(strides[:junction_stage + 1]))
     return {
         "patch_size": final_patch,
         "strides": strides,
         "kernel_sizes": [list(k) for k in kernels],
-        "total_stride": total_stride,
+        "total_stride": encoder_stride,
         "mask_cell_size": cell,
         "mask_grid": [p // c for p, c in zip(final_patch, cell)],
         "hybrid_junction_stage": junction_stage,

@@ -12,19 +12,11 @@ from ssl3d.data.readers import CaseSource, check_unique_ids, discover_inputs
 from ssl3d.planning.fingerprint import aggregate_fingerprint, modality_from_channel_name, run_fingerprints
 from ssl3d.planning.planner import CONFIGURATION, PLANS_NAME, build_plans
 from ssl3d.preprocessing.preprocessor import plans_hash, run_preprocessing, verify_outputs
-from ssl3d.utils import BadInputError, env_dir, read_json, write_json
+from ssl3d.utils import BadInputError, BadInputs, env_dir, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_POOL = "Dataset900_SSLPool"
-
-
-class BadInputs(Exception):
-    """Several bad inputs at once; each line names a file and its problem."""
-
-    def __init__(self, lines: list[str]):
-        self.lines = lines
-        super().__init__("\n".join(lines))
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl3d.architectures.mednext import LayerNormCF
+from ssl3d.layers import LayerNormCF
 
 from .modules import (ZERO_PRESERVING, SparseAvgPool3d, SparseBatchNorm3d, SparseConv3d,
                       SparseConvTranspose3d, SparseGroupNorm, SparseInstanceNorm3d, SparseLayerNormCF,

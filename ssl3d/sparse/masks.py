@@ -12,9 +12,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ssl3d.layers import Triple, total_stride  # noqa: F401  (re-exported: masks are built per stride)
 from ssl3d.utils import as_triple
-
-Triple = tuple[int, int, int]
 
 
 def random_cell_mask(batch: int, grid: int | Sequence[int], ratio: float,
@@ -53,14 +52,6 @@ def upsample_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         idx = torch.div(torch.arange(size, device=mask.device) * g, size, rounding_mode="floor")
         out = out.index_select(axis + 1, idx)
     return out
-
-
-def total_stride(strides: Sequence[int | Sequence[int]]) -> Triple:
-    """Per-axis product of per-stage strides: the input voxels per voxel after the last of them."""
-    out = [1, 1, 1]
-    for s in strides:
-        out = [a * b for a, b in zip(out, as_triple(s))]
-    return tuple(out)  # type: ignore[return-value]
 
 
 def mask_pyramid(cell_mask: torch.Tensor, cell_size: int | Sequence[int],

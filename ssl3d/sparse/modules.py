@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl3d.architectures.mednext import LayerNormCF
+from ssl3d.layers import LayerNormCF
 from ssl3d.utils import as_triple
 
 from . import cpu_backend, ops

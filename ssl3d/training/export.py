@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ssl3d.training.methods import SSLMethod, build_method
+from ssl3d.architectures.from_plans import build_network_from_plans
+from ssl3d.training.methods import SSLMethod, build_method, get_method_spec
 from ssl3d.utils import BadInputError, atomic_write, read_json
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ def load_pretrained_method(folder: Path, checkpoint: Path) -> tuple[SSLMethod, d
     cfg = plans["configurations"]["3d_fullres"]
     n_channels = len(read_json(folder / "dataset.json")["channel_names"])
     kwargs = dict(info.get("method_kwargs", {}))
-    if info["name"] in ("spark", "hyspark"):
-        kwargs["backend"] = "reference"
+    if get_method_spec(info["name"]).sparse:
+        kwargs["backend"] = "reference"  # export runs on CPU, once: the plain reference math
     method = build_method(info["name"], plans, cfg, n_channels, **kwargs)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
     own = method.state_dict()
@@ -88,15 +89,6 @@ def transfer_encoder(network: torch.nn.Module, encoder_state: dict[str, torch.Te
     return len(encoder_state)
 
 
-def build_downstream(architecture: dict, in_channels: int, num_classes: int) -> torch.nn.Module:
-    """The network stock nnU-Net builds from these plans (same function nnU-Net uses)."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    return get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                  architecture.get("_kw_requires_import", []), in_channels, num_classes,
-                                  deep_supervision=True)
-
-
 def export_weights(results: str | os.PathLike, output: str | os.PathLike, num_classes: int = 2,
                    fold: str = "0") -> dict:
     """Write ``{'network_weights': full downstream state_dict}`` (CPU tensors). Returns a summary."""
@@ -110,7 +102,7 @@ def write_downstream_weights(method: SSLMethod, info: dict, folder: Path, ckpt: 
     """The downstream network with ``method``'s pretrained encoder (from ``load_pretrained_method``), saved."""
     arch = method.downstream_architecture()
     n_channels = len(read_json(folder / "dataset.json")["channel_names"])
-    net = build_downstream(arch, n_channels, num_classes)
+    net = build_network_from_plans(arch, n_channels, num_classes)
     try:
         copied = transfer_encoder(net, method.downstream_state_dict())
     except EncoderMismatchError as e:

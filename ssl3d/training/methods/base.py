@@ -1,14 +1,13 @@
-"""What every SSL method provides, and the registry that maps method names to builders.
+"""What every SSL method provides.
 
-A method is an ``nn.Module`` that owns its encoder, decoder and loss. The trainer draws the mask (boolean,
+A method is an ``nn.Module`` that owns its encoder, decoder and loss; ``registry`` declares it by name. The trainer draws the mask (boolean,
 True = visible, one grid per sample) with :meth:`SSLMethod.random_mask` and passes it explicitly to
 ``forward(x, visible) -> loss``; nothing is kept in globals. ``reconstruct`` gives image-space predictions
 for previews, ``downstream_state_dict`` the encoder weights under the downstream network's key names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -56,49 +55,3 @@ class SSLMethod(nn.Module):
 
     def config(self) -> dict:
         return {"name": self.name, "patch_size": list(self.patch_size), "cell_size": list(self.cell_size)}
-
-
-@dataclass
-class MethodSpec:
-    name: str
-    builder: Callable[..., SSLMethod]
-    description: str
-
-
-_REGISTRY: dict[str, MethodSpec] = {}
-
-
-def register_method(name: str, description: str) -> Callable:
-    """Decorator for ``builder(plans: dict, configuration: dict, num_input_channels: int, **kwargs) -> SSLMethod``."""
-
-    def wrap(builder: Callable[..., SSLMethod]) -> Callable[..., SSLMethod]:
-        if name in _REGISTRY:
-            raise ValueError(f"SSL method '{name}' registered twice")
-        _REGISTRY[name] = MethodSpec(name, builder, description)
-        return builder
-
-    return wrap
-
-
-def available_methods() -> dict[str, str]:
-    _import_all()
-    return {k: v.description for k, v in sorted(_REGISTRY.items())}
-
-
-def build_method(name: str, plans: dict, configuration: dict, num_input_channels: int, **kwargs) -> SSLMethod:
-    """Instantiate a registered method for a plans configuration (``configuration`` is the plans sub-dict)."""
-    _import_all()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown SSL method '{name}'; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name].builder(plans, configuration, num_input_channels, **kwargs)
-
-
-def _import_all() -> None:
-    import importlib
-    import pkgutil
-
-    import ssl3d.training.methods as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name != "base":
-            importlib.import_module(f"{pkg.__name__}.{mod.name}")

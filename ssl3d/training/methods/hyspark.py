@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 
 from ssl3d.architectures.hybrid import HybridEncoder, hybrid_arch_kwargs
-from ssl3d.sparse.masks import total_stride
-from ssl3d.training.methods.base import register_method
-from ssl3d.training.methods.decoders import DensifyDecoderMethod
+from ssl3d.layers import total_stride
+from ssl3d.training.methods.heads import DensifyDecoderMethod
+from ssl3d.training.methods.registry import OptimDefaults, register_method
 
 
 class HySparK3D(DensifyDecoderMethod):
@@ -39,7 +39,11 @@ class HySparK3D(DensifyDecoderMethod):
                 "arch_kwargs": self.arch_kwargs}
 
 
-@register_method("hyspark", "HySparK: sparse MedNeXt CNN + ViT on visible tokens, bottom-up masks, skip concat")
+# HySparK paper: AdamW, lr 1e-4 (no batch scaling), cosine; the authors' code: betas (0.9, 0.999), clip 5
+@register_method("hyspark", "HySparK: sparse MedNeXt CNN + ViT on visible tokens, bottom-up masks, skip concat",
+                 sparse=True, trainer_name="HySparKPretrainer", downstream="ssl3d.architectures.hybrid.HybridUNet",
+                 transformer=True, tiny={"size": "tiny"},
+                 optim=OptimDefaults(lr=1e-4, scale_lr_with_batch=False, betas=(0.9, 0.999), grad_clip=5.0))
 def build_hyspark(plans: dict, configuration: dict, num_input_channels: int, size: str = "S",
                   backend: str = "auto", **overrides) -> HySparK3D:
     arch = {**hybrid_arch_kwargs(configuration, size), **overrides.pop("arch", {})}

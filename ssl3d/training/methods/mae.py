@@ -12,11 +12,15 @@ from torch import nn
 
 from ssl3d.architectures.vit import (TransformerStack, ViTEncoder, init_vit_weights, num_heads_for, patchify,
                                      scatter_tokens, sincos_position_embedding, unpatchify)
+from ssl3d.sparse import upsample_mask
 from ssl3d.training.losses import denormalize_prediction, masked_patch_mse
-from ssl3d.training.methods.base import SSLMethod, register_method
+from ssl3d.training.methods.base import SSLMethod
+from ssl3d.training.methods.registry import register_method
 
-# (embed dim, depth, decoder dim, decoder depth); M follows nnssl's Primus-M MAE
-PRESETS = {"tiny": (48, 2, 32, 1), "S": (384, 12, 256, 4), "B": (768, 12, 384, 4), "M": (864, 16, 384, 4)}
+# (embed dim, depth, decoder dim, decoder depth, token patch divisor). M is Primus-M: embed 864, depth 16, 8³
+# tokens (the planned 16³ MAE patch halved per axis, so 4×16×16 becomes 2×8×8), 2 decoder blocks.
+PRESETS = {"tiny": (48, 2, 32, 1, 1), "S": (384, 12, 256, 4, 1), "B": (768, 12, 384, 4, 1),
+           "M": (864, 16, 384, 2, 2)}
 
 
 class MAE3d(SSLMethod):
@@ -54,9 +58,7 @@ class MAE3d(SSLMethod):
         pred = denormalize_prediction(self._predict(x, visible), x, self.cell_size)
         grid = tuple(s // c for s, c in zip(x.shape[2:], self.cell_size))
         image = unpatchify(pred, self.cell_size, grid, x.shape[1])
-        keep = visible.reshape(x.shape[0], 1, *grid)
-        for axis, c in enumerate(self.cell_size):
-            keep = keep.repeat_interleave(c, dim=axis + 2)
+        keep = upsample_mask(visible.reshape(x.shape[0], *grid), x.shape[2:])[:, None]
         return torch.where(keep, x, image.to(x.dtype))
 
     def downstream_state_dict(self) -> dict[str, torch.Tensor]:
@@ -71,9 +73,13 @@ class MAE3d(SSLMethod):
         return {**super().config(), **self.arch}
 
 
-@register_method("mae", "3D ViT masked autoencoder on visible patches, light transformer decoder")
+@register_method("mae", "3D ViT masked autoencoder on visible patches, light transformer decoder",
+                 trainer_name="MAEPretrainer", downstream="ssl3d.architectures.vit_unet.ViTSegNet", transformer=True,
+                 single_output=True, tiny={"size": "tiny"})
 def build_mae(plans: dict, configuration: dict, num_input_channels: int, size: str = "S", **overrides) -> MAE3d:
-    dim, depth, ddim, ddepth = PRESETS[size]
+    if size not in PRESETS:
+        raise ValueError(f"unknown MAE size '{size}' ({', '.join(PRESETS)})")
+    dim, depth, ddim, ddepth, divisor = PRESETS[size]
     kw = {"dim": dim, "depth": depth, "decoder_dim": ddim, "decoder_depth": ddepth, **overrides}
-    ssl = configuration["ssl3d"]
-    return MAE3d(num_input_channels, configuration["patch_size"], ssl["mae_patch_size"], **kw)
+    token_patch = [max(1, int(p) // divisor) for p in configuration["ssl3d"]["mae_patch_size"]]
+    return MAE3d(num_input_channels, configuration["patch_size"], token_patch, **kw)

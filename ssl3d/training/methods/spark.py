@@ -6,30 +6,14 @@ The encoder is literally ``ResidualEncoderUNet(...).encoder`` from the plans, co
 """
 from __future__ import annotations
 
-import pydoc
 from typing import Sequence
 
 import torch
 
+from ssl3d.architectures.from_plans import build_network_from_plans
 from ssl3d.sparse import sparse_forward, sparsify
-from ssl3d.training.methods.base import register_method
-from ssl3d.training.methods.decoders import DensifyDecoderMethod
-
-
-def resolve_arch_kwargs(architecture: dict) -> dict:
-    """The plans' ``arch_kwargs`` with class names imported (what nnU-Net's get_network_from_plans does)."""
-    kw = dict(architecture["arch_kwargs"])
-    for key in architecture.get("_kw_requires_import", ()):
-        if kw.get(key) is not None and isinstance(kw[key], str):
-            kw[key] = pydoc.locate(kw[key])
-    return kw
-
-
-def build_downstream_unet(architecture: dict, in_channels: int, num_classes: int, deep_supervision: bool = False):
-    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
-
-    return ResidualEncoderUNet(in_channels, num_classes=num_classes, deep_supervision=deep_supervision,
-                               **resolve_arch_kwargs(architecture))
+from ssl3d.training.methods.heads import DensifyDecoderMethod
+from ssl3d.training.methods.registry import register_method
 
 
 class SparK3D(DensifyDecoderMethod):
@@ -40,7 +24,7 @@ class SparK3D(DensifyDecoderMethod):
         super().__init__(patch_size, cell_size)
         self.architecture = architecture
         self.in_channels = in_channels
-        self.encoder = sparsify(build_downstream_unet(architecture, in_channels, 1).encoder, backend, inplace=True)
+        self.encoder = sparsify(build_network_from_plans(architecture, in_channels, 1).encoder, backend, inplace=True)
         kw = architecture["arch_kwargs"]
         self.build_head(list(kw["features_per_stage"]), kw["strides"], in_channels, decoder_factor, "add")
         self.backend = backend
@@ -71,7 +55,10 @@ def scaled_architecture(architecture: dict, size: str) -> dict:
     return arch
 
 
-@register_method("spark", "SparK: sparse ResEnc CNN (planned topology), densify + light decoder, skip addition")
+@register_method("spark", "SparK: sparse ResEnc CNN (planned topology), densify + light decoder, skip addition",
+                 sparse=True, trainer_name="SparKPretrainer",
+                 downstream="dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+                 tiny={"size": "tiny"})
 def build_spark(plans: dict, configuration: dict, num_input_channels: int, size: str = "planned",
                 backend: str = "auto", **overrides) -> SparK3D:
     arch = scaled_architecture(configuration["architecture"], size)

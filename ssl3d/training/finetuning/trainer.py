@@ -8,7 +8,10 @@ Options live in the plans (``configurations[c]["ssl3d_finetune"]``, written by `
 * ``encoder_lr_factor``: encoder LR = factor × LR (e.g. 0.1), ``optimizer``: ``"auto"`` (AdamW for
   transformer encoders, nnU-Net's SGD otherwise), ``"sgd"`` or ``"adamw"``;
 * ``n_train`` / ``fraction``: deterministic few-shot subset of the fold's training cases (never validation);
-* ``final_validation``: False skips nnU-Net's sliding-window validation at the end (smoke runs).
+* ``final_validation``: False skips nnU-Net's sliding-window validation at the end (smoke runs);
+* ``seed``: initialisation, few-shot order, data order and augmentation workers seeded (reproducible runs).
+
+Transformer/single-output traits of the downstream network come from the method registry.
 """
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ import numpy as np
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-TRANSFORMER_CLASSES = ("HybridUNet", "ViTSegNet", "Primus")
-SINGLE_OUTPUT_CLASSES = ("ViTSegNet",)  # no multi-scale outputs: deep supervision off
+from ssl3d.training.methods import spec_for_network
+from ssl3d.training.seeding import derive_seed, seed_everything, seeded_nnunet_augmenters
+from ssl3d.utils import DEFAULT_SEED, unwrap_network
 
 
 def few_shot_subset(train_keys: list[str], fold: int | str, n_train: int | None = None,
@@ -30,7 +33,7 @@ def few_shot_subset(train_keys: list[str], fold: int | str, n_train: int | None 
     k = int(n_train) if n_train is not None else max(1, int(round(float(fraction) * len(keys))))
     if not 1 <= k <= len(keys):
         raise ValueError(f"few-shot size {k} must be between 1 and {len(keys)} training cases")
-    seed = 12345 + (0 if fold == "all" else int(fold))
+    seed = DEFAULT_SEED + (0 if fold == "all" else int(fold))
     order = np.random.RandomState(seed).permutation(len(keys))
     return sorted(keys[i] for i in order[:k])
 
@@ -66,11 +69,13 @@ class SSLFinetuneTrainer(nnUNetTrainer):
         self.warmup_mode = self.ft.get("warmup", "linear")
         self.encoder_lr_factor = float(self.ft.get("encoder_lr_factor", 1.0))
         self.save_every = int(self.ft.get("save_every", self.save_every))
-        if self.configuration_manager.network_arch_class_name.split(".")[-1] in SINGLE_OUTPUT_CLASSES:
+        self.seed = int(self.ft.get("seed", DEFAULT_SEED))
+        spec = spec_for_network(self.configuration_manager.network_arch_class_name)
+        if spec is not None and spec.single_output:  # no multi-scale outputs: deep supervision off
             self.enable_deep_supervision = False
+        transformer = spec is not None and spec.transformer
         self.use_adamw = self.ft.get("optimizer", "auto") == "adamw" or (
-            self.ft.get("optimizer", "auto") == "auto"
-            and self.configuration_manager.network_arch_class_name.split(".")[-1] in TRANSFORMER_CLASSES)
+            self.ft.get("optimizer", "auto") == "auto" and transformer)
         if self.use_adamw:
             self.initial_lr = float(self.ft.get("lr", 3e-4))
             self.weight_decay = float(self.ft.get("weight_decay", 0.05))
@@ -78,8 +83,16 @@ class SSLFinetuneTrainer(nnUNetTrainer):
             self.initial_lr = float(self.ft["lr"])
 
     def _network_module(self):
-        mod = self.network.module if self.is_ddp else self.network
-        return getattr(mod, "_orig_mod", mod)
+        return unwrap_network(self.network)
+
+    def initialize(self):
+        seed_everything(derive_seed(self.seed, "init"))  # same initial weights for the same seed
+        super().initialize()
+
+    def get_dataloaders(self):
+        seed_everything(derive_seed(self.seed, "data", self.local_rank))
+        with seeded_nnunet_augmenters(self.seed, self.local_rank):
+            return super().get_dataloaders()
 
     def configure_optimizers(self):
         enc, rest = [], []
@@ -126,7 +139,7 @@ class SSLFinetuneTrainer(nnUNetTrainer):
             self.preprocessed_dataset_folder))
         if 2 <= len(ids) < 5:
             self.print_to_log_file(f"only {len(ids)} cases: writing a {len(ids)}-fold (leave-one-out) split")
-            save_json(generate_crossval_split(ids, seed=12345, n_splits=len(ids)), splits_file)
+            save_json(generate_crossval_split(ids, seed=DEFAULT_SEED, n_splits=len(ids)), splits_file)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.ft.get("final_validation", True):

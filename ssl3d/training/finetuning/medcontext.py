@@ -20,8 +20,9 @@ import torch
 from torch import autocast, nn
 
 from nnunetv2.utilities.helpers import dummy_context
-from ssl3d.sparse.masks import random_cell_mask, total_stride, upsample_mask
-from ssl3d.training.finetune import SSLFinetuneTrainer
+from ssl3d.layers import total_stride
+from ssl3d.sparse.masks import random_cell_mask, upsample_mask
+from ssl3d.training.finetuning.trainer import SSLFinetuneTrainer
 
 
 def ema_momentum(step: int, total_steps: int, base: float = 0.996) -> float:

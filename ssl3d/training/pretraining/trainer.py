@@ -1,16 +1,17 @@
-"""``SSLPretrainer``: nnU-Net's trainer with the parts that do not fit unlabeled data replaced.
+"""``SSLPretrainer``: nnU-Net's trainer with the parts that do not fit unlabeled data replaced through its hooks.
 
-Kept from ``nnUNetTrainer``: results folder layout, text log, ``progress.png``, checkpoint_latest/best/final
-and ``--c`` resume, plans/dataset.json/fingerprint copies, CPU/CUDA devices, AMP + GradScaler on CUDA, DDP.
-Replaced: the network (an SSL method from the registry), the loss (inside the method), data loading (random
-crops of the planned patch, mirroring, no label oversampling), validation (reconstruction loss on held-out
-cases with fixed masks), per-iteration warm-up + cosine AdamW, and epoch-end bookkeeping (best = lowest
-validation loss). DDP also works under ``torchrun`` and with gloo on CPU.
+Kept from ``nnUNetTrainer``: the training loop (``run_training``), results folder layout, text log,
+``progress.png``, checkpoint_latest/best/final and ``--c`` resume, plans/dataset.json/fingerprint copies,
+CPU/CUDA devices, AMP + GradScaler on CUDA, DDP. Replaced hooks: the network (an SSL method from the
+registry), the loss (inside the method), data loading (random crops of the planned patch, mirroring, no label
+oversampling, seeded workers), the train/validation steps (masks drawn per step and passed explicitly;
+validation = reconstruction loss on held-out cases with fixed masks), per-iteration warm-up + cosine AdamW
+with the method's own defaults, and epoch-end bookkeeping (best = lowest validation loss, kept in
+``best_val_loss``). DDP also works under ``torchrun`` and with gloo on CPU.
 """
 from __future__ import annotations
 
 import os
-import zlib
 from time import time
 
 import numpy as np
@@ -30,16 +31,17 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-from ssl3d.training.methods import SSLMethod, build_method
-from ssl3d.training.schedules import WarmupCosine, param_groups
-from ssl3d.utils import write_json
+from ssl3d.training.checkpoints import CheckpointExtrasMixin
+from ssl3d.training.methods import MethodSpec, SSLMethod, get_method_spec
+from ssl3d.training.optim import WarmupCosine, optimizer_step, param_groups
+from ssl3d.training.pretraining.previews import save_reconstruction_preview
+from ssl3d.training.seeding import derive_seed, seed_everything, worker_seeds
+from ssl3d.utils import DEFAULT_SEED, unwrap_network, write_json
 
-REFERENCE_BATCH = 2
-BASE_LR = 1e-4
 
-
-class SSLPretrainer(nnUNetTrainer):
-    """Subclasses set ``method_name``; options are attributes set after construction (nnU-Net convention)."""
+class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
+    """Runs the registered method ``method_name``; options are attributes set after construction (nnU-Net
+    convention). Registry methods get a named subclass each from :func:`pretrainer_class`."""
 
     method_name = ""
 
@@ -51,13 +53,15 @@ class SSLPretrainer(nnUNetTrainer):
         if self.is_ddp and device.type == "cpu":  # nnU-Net assumes NCCL on CUDA; gloo on CPU stays on CPU
             self.device = device
             self.grad_scaler = None
+        optim = self.method_spec.optim
         ssl = self.configuration_manager.configuration.get("ssl3d", {})
         self.mask_ratio = float(ssl.get("mask_ratio", 0.75))
         self.method_kwargs: dict = {}
         self.sparse_backend = "auto"
-        self.weight_decay = 0.05
-        self.warmup_fraction = 0.05
-        self.grad_clip = 3.0
+        self.weight_decay = optim.weight_decay
+        self.betas = tuple(optim.betas)
+        self.warmup_fraction = optim.warmup_fraction
+        self.grad_clip = optim.grad_clip
         self.num_epochs = 1000
         self.num_iterations_per_epoch = 250
         self.num_val_iterations_per_epoch = 10
@@ -66,27 +70,33 @@ class SSLPretrainer(nnUNetTrainer):
         self.val_fraction = 0.05
         self.oversample_foreground_percent = 0.0
         self.enable_deep_supervision = False
-        self.mask_seed = 12345
+        self.seed = DEFAULT_SEED  # masks, init, data order and augmentation derive from it
         self.global_step = 0
         self.show_progress = True
-        self.initial_lr = None  # -> scaled from BASE_LR by the global batch size in configure_optimizers
+        self.best_val_loss: float | None = None
+        self.initial_lr = None  # -> the method's default for the global batch size in configure_optimizers
+        self._bar = None
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        return get_method_spec(self.method_name)
 
     # ---- network, optimizer --------------------------------------------------------------------------------
     def build_ssl_network(self) -> SSLMethod:
         kwargs = dict(self.method_kwargs)
-        if self.method_name in ("spark", "hyspark"):
+        if self.method_spec.sparse:
             kwargs.setdefault("backend", self.sparse_backend)
-        return build_method(self.method_name, self.plans_manager.plans, self.configuration_manager.configuration,
-                            self.num_input_channels, **kwargs)
+        return self.method_spec.build(self.plans_manager.plans, self.configuration_manager.configuration,
+                                      self.num_input_channels, **kwargs)
 
     @property
     def ssl_method(self) -> SSLMethod:
-        net = self.network.module if isinstance(self.network, DDP) else self.network
-        return getattr(net, "_orig_mod", net)
+        return unwrap_network(self.network)
 
     def initialize(self):
         if self.was_initialized:
             raise RuntimeError("initialize called twice")
+        seed_everything(derive_seed(self.seed, "init"))  # same initial weights on every rank
         self._set_batch_size_and_oversample()
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
@@ -104,9 +114,9 @@ class SSLPretrainer(nnUNetTrainer):
 
     def configure_optimizers(self):
         if self.initial_lr is None:
-            self.initial_lr = min(1e-3, BASE_LR * self._global_batch_size() / REFERENCE_BATCH)
+            self.initial_lr = self.method_spec.optim.peak_lr(self._global_batch_size())
         optimizer = torch.optim.AdamW(param_groups(self.network, self.weight_decay), lr=self.initial_lr,
-                                      betas=(0.9, 0.95))
+                                      betas=self.betas)
         total = self.num_epochs * self.num_iterations_per_epoch
         scheduler = WarmupCosine(optimizer, self.initial_lr, total, int(round(self.warmup_fraction * total)))
         return optimizer, scheduler
@@ -125,7 +135,7 @@ class SSLPretrainer(nnUNetTrainer):
         ids = sorted(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
         if self.fold == "all" or len(ids) < 2:
             return ids, ids
-        rng = np.random.RandomState(12345 + int(self.fold))
+        rng = np.random.RandomState(DEFAULT_SEED + int(self.fold))
         n_val = max(1, int(round(self.val_fraction * len(ids))))
         val = sorted(rng.choice(ids, n_val, replace=False).tolist())
         return [i for i in ids if i not in val], val
@@ -142,26 +152,30 @@ class SSLPretrainer(nnUNetTrainer):
                                  oversample_foreground_percent=self.oversample_foreground_percent, transforms=mirror)
         dl_val = nnUNetDataLoader(ds_val, self.batch_size, patch, patch, self.label_manager,
                                   oversample_foreground_percent=0.0, transforms=None)
+        seed_everything(derive_seed(self.seed, "data", self.local_rank))  # single-threaded loading
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
             return SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
         pin = self.device.type == "cuda"
-        return (NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2), None, pin, 0.002),
-                NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4), None, pin, 0.002))
+        n_val = max(1, n_proc // 2)
+        return (NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2),
+                                             worker_seeds(self.seed, self.local_rank, "train", n_proc), pin, 0.002),
+                NonDetMultiThreadedAugmenter(dl_val, None, n_val, max(3, n_proc // 4),
+                                             worker_seeds(self.seed, self.local_rank, "val", n_val), pin, 0.002))
 
     def _masks(self, data: torch.Tensor, stream: int, index: int) -> torch.Tensor:
         """Seeded per (stream, step, rank): resumable, different on every rank, fixed for validation."""
-        seed = zlib.crc32(f"{self.mask_seed}/{stream}/{index}/{self.local_rank}".encode())
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, stream, index, self.local_rank))
         return self.ssl_method.random_mask(data.shape[0], self.mask_ratio, g, data.device, data.shape[2:])
 
-    # ---- steps ---------------------------------------------------------------------------------------------
+    # ---- hooks ---------------------------------------------------------------------------------------------
     def on_train_start(self):
         super().on_train_start()
         if self.local_rank == 0:
             write_json(os.path.join(self.output_folder_base, "ssl_method.json"),
                        {**self.ssl_method.config(), "mask_ratio": self.mask_ratio, "trainer": type(self).__name__,
-                        "initial_lr": self.initial_lr, "weight_decay": self.weight_decay,
+                        "initial_lr": self.initial_lr, "weight_decay": self.weight_decay, "betas": self.betas,
+                        "grad_clip": self.grad_clip, "seed": self.seed,
                         "batch_size": self._global_batch_size(), "num_epochs": self.num_epochs,
                         "num_iterations_per_epoch": self.num_iterations_per_epoch,
                         "sparse_backend": self.sparse_backend, "method_kwargs": self.method_kwargs,
@@ -181,26 +195,41 @@ class SSLPretrainer(nnUNetTrainer):
         self.print_to_log_file(f"Epoch {self.current_epoch}")
         self.print_to_log_file(f"Current learning rate: {lr:.3g}")
         self.logger.log("lrs", lr, self.current_epoch)
+        self._bar = tqdm(total=self.num_iterations_per_epoch, desc=f"epoch {self.current_epoch}", unit="it",
+                         disable=not self.show_progress or self.local_rank != 0, leave=False)
+
+    def trained_parameters(self):
+        """Everything the optimizer steps (clipped together)."""
+        return self.network.parameters()
+
+    def compute_loss(self, data: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """One training loss; methods with their own pretrainer (teachers, two views) override this."""
+        return self.network(data, visible)
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         visible = self._masks(data, 0, self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss = self.network(data, visible)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-            self.optimizer.step()
+            loss = self.compute_loss(data, visible)
+        optimizer_step(loss, self.optimizer, self.trained_parameters(), self.grad_clip, self.grad_scaler)
+        self.after_optimizer_step()
         self.global_step += 1
         self.lr_scheduler.step(self.global_step)
-        return {"loss": loss.detach().cpu().numpy()}
+        value = loss.detach().cpu().numpy()
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{float(value):.4f}")
+        return {"loss": value}
+
+    def after_optimizer_step(self) -> None:
+        """Hook for EMA teachers and the like (runs identically on every rank after the step)."""
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        super().on_train_epoch_end(train_outputs)
 
     def on_validation_epoch_start(self):
         self.network.eval()
@@ -234,8 +263,8 @@ class SSLPretrainer(nnUNetTrainer):
         epoch = self.current_epoch
         if (epoch + 1) % self.save_every == 0 and epoch != self.num_epochs - 1:
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
-        if self._best_ema is None or val < self._best_ema:  # _best_ema holds the best validation loss here
-            self._best_ema = val
+        if self.best_val_loss is None or val < self.best_val_loss:
+            self.best_val_loss = val
             self.print_to_log_file(f"New best validation loss: {val:.4f}")
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
         if self.local_rank == 0:
@@ -245,8 +274,14 @@ class SSLPretrainer(nnUNetTrainer):
             self.logger.plot_progress_png(self.output_folder)
         self.current_epoch += 1
 
+    def checkpoint_extras(self) -> dict:
+        return {"best_val_loss": self.best_val_loss, "global_step": self.global_step}
+
+    def load_checkpoint_extras(self, extras: dict) -> None:
+        self.best_val_loss = extras.get("best_val_loss")
+
     def save_preview(self, path: str) -> None:
-        from ssl3d.inference.previews import save_reconstruction_preview
+        from ssl3d.sparse import upsample_mask
 
         batch = next(self.dataloader_val)
         data = batch["data"][:1].to(self.device)
@@ -255,8 +290,7 @@ class SSLPretrainer(nnUNetTrainer):
         self.network.eval()
         recon = self.ssl_method.reconstruct(data, visible)
         self.network.train(was_training)
-        vox = visible.float()[:, None]
-        vox = torch.nn.functional.interpolate(vox, size=data.shape[2:], mode="nearest")[0, 0].bool()
+        vox = upsample_mask(visible, data.shape[2:])[0]
         save_reconstruction_preview(data[0, 0].float().cpu().numpy(), vox.cpu().numpy(),
                                     recon[0, 0].float().cpu().numpy(), path,
                                     f"{self.method_name} epoch {self.current_epoch}")
@@ -264,38 +298,18 @@ class SSLPretrainer(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("Pretraining: no segmentation validation (reconstruction loss is logged per epoch).")
 
-    def run_training(self):
-        self.on_train_start()
-        for _ in range(self.current_epoch, self.num_epochs):
-            self.on_epoch_start()
-            self.on_train_epoch_start()
-            outputs = []
-            bar = tqdm(range(self.num_iterations_per_epoch), desc=f"epoch {self.current_epoch}", unit="it",
-                       disable=not self.show_progress or self.local_rank != 0, leave=False)
-            for _ in bar:
-                outputs.append(self.train_step(next(self.dataloader_train)))
-                bar.set_postfix(loss=f"{float(outputs[-1]['loss']):.4f}")
-            self.on_train_epoch_end(outputs)
-            with torch.no_grad():
-                self.on_validation_epoch_start()
-                val_outputs = [self.validation_step(next(self.dataloader_val))
-                               for _ in range(self.num_val_iterations_per_epoch)]
-                self.on_validation_epoch_end(val_outputs)
-            self.on_epoch_end()
-        self.on_train_end()
+
+_CLASSES: dict[str, type] = {}
 
 
-class MAEPretrainer(SSLPretrainer):
-    method_name = "mae"
-
-
-class SparKPretrainer(SSLPretrainer):
-    method_name = "spark"
-
-
-class HySparKPretrainer(SSLPretrainer):
-    method_name = "hyspark"
-
-
-PRETRAINERS = {c.method_name: c for c in (MAEPretrainer, SparKPretrainer, HySparKPretrainer)}
-
+def pretrainer_class(method: str) -> type[SSLPretrainer]:
+    """The pretrainer of a registered method: its own class if the spec names one, else a subclass of
+    ``SSLPretrainer`` named ``spec.trainer_name`` (the results folder name), created once."""
+    spec = get_method_spec(method)
+    base = spec.pretrainer_base() or SSLPretrainer
+    key = f"{method}:{spec.trainer_name}:{base.__qualname__}"
+    if key not in _CLASSES:
+        cls = base if getattr(base, "method_name", "") == method and base.__name__ == spec.trainer_name else \
+            type(spec.trainer_name, (base,), {"method_name": method, "__module__": __name__})
+        _CLASSES[key] = cls
+    return _CLASSES[key]

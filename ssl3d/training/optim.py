@@ -1,7 +1,9 @@
-"""Optimizer set-up shared by the pretrainers: AdamW param groups and a warm-up + cosine schedule per iteration."""
+"""Optimization shared by every ssl3d trainer: AdamW param groups, warm-up + cosine per iteration, and the one
+optimizer step (AMP grad scaler, gradient clipping) that pretraining and fine-tuning trainers all call."""
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -46,3 +48,22 @@ class WarmupCosine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor],
+                   grad_clip: float | None, grad_scaler: "torch.amp.GradScaler | None" = None) -> None:
+    """backward + (unscale) + clip + step, with or without AMP's grad scaler. ``parameters`` must hold every
+    trained tensor, including ones that live outside the network (mask tokens), so they are clipped too."""
+    params = [p for p in parameters if p.requires_grad]
+    if grad_scaler is not None:
+        grad_scaler.scale(loss).backward()
+        grad_scaler.unscale_(optimizer)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
+    else:
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
