@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 class BadInputError(Exception):
@@ -102,3 +103,33 @@ def as_triple(v: "int | Sequence[int]") -> tuple[int, int, int]:
     if len(t) != 3:
         raise ValueError(f"expected an int or 3 ints, got {v!r}")
     return t  # type: ignore[return-value]
+
+
+def guarded_case(case_id: str, first_file: Any, action: str, fn: Callable, *args: Any) -> tuple[str, Any, str | None]:
+    """``(case_id, fn(*args), None)``, or ``(case_id, None, one-line error)`` for bad input / out of memory, so one
+    bad case in a worker pool is reported instead of killing the run."""
+    try:
+        return case_id, fn(*args), None
+    except BadInputError as e:
+        return case_id, None, e.line()
+    except MemoryError:
+        return case_id, None, f"{first_file}: out of memory while {action}"
+
+
+def map_cases(worker: Callable[[Any], Any], jobs: Sequence[Any], num_processes: int = 1, desc: str = "",
+              progress: bool = True) -> list[Any]:
+    """``worker`` over ``jobs`` in input order, in a fork pool when ``num_processes`` > 1, with a tqdm bar."""
+    from tqdm import tqdm
+
+    outs = []
+    with tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress) as bar:
+        if num_processes > 1 and len(jobs) > 1:
+            with mp.get_context("fork").Pool(min(num_processes, len(jobs))) as pool:
+                for out in pool.imap(worker, jobs):
+                    bar.update(1)
+                    outs.append(out)
+        else:
+            for job in jobs:
+                outs.append(worker(job))
+                bar.update(1)
+    return outs

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from ssl3d.layers import LayerNormCF

@@ -8,17 +8,13 @@ nnU-Net's fingerprint and preprocessing, exports the pretrained weights and call
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 from ssl3d.cli.common import run_cli
 from ssl3d.inference.nnunet_bridge import ext_trainer_path, nnunet_dataset_name, run_nnunet
 from ssl3d.planning.plan_transfer import finetune_plans
-from ssl3d.utils import BadInputError, env_dir, read_json, write_json
+from ssl3d.utils import DEFAULT_SEED, BadInputError, env_dir, read_json, write_json
 
 logger = logging.getLogger("ssl3d")
 
@@ -45,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     shots.add_argument("--n-train", type=int, default=None, help="few-shot: K training cases of the fold")
     shots.add_argument("--fraction", type=float, default=None, help="few-shot: this fraction of the fold")
     p.add_argument("--seed", type=int, default=None,
-                   help="seed for initialisation, data order and augmentation (default nnU-Net's 12345)")
+                   help=f"seed for initialisation, data order and augmentation (default nnU-Net's {DEFAULT_SEED})")
     p.add_argument("--no-final-val", action="store_true", help="skip nnU-Net's final sliding-window validation")
     p.add_argument("--prepare-only", action="store_true", help="plan, preprocess and export; do not train")
     return p

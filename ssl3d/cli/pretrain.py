@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ssl3d.cli.common import run_cli
 from ssl3d.training.methods import available_methods
-from ssl3d.utils import BadInputError, env_dir, read_json
+from ssl3d.utils import DEFAULT_SEED, BadInputError, env_dir, read_json
 
 logger = logging.getLogger("ssl3d")
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-ratio", type=float, default=None)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's, see README)")
     p.add_argument("--seed", type=int, default=None,
-                   help="seed for masks, initialisation, data order and augmentation (default 12345)")
+                   help=f"seed for masks, initialisation, data order and augmentation (default {DEFAULT_SEED})")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"],
                    help="sparse convolution backend (spark, hyspark)")
     p.add_argument("--size", default=None, help="architecture preset of the method (e.g. tiny, S, B)")

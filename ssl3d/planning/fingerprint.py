@@ -7,16 +7,14 @@ region). The aggregate keeps nnU-Net's fingerprint keys so nnU-Net code that rea
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
 from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from ssl3d.data.readers import CaseSource, read_case
-from ssl3d.utils import BadInputError
+from ssl3d.utils import guarded_case, map_cases
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +108,7 @@ def fingerprint_case(case: CaseSource, modalities: Sequence[str | None], seed: i
 
 def _worker(args: tuple) -> tuple[str, dict | None, str | None]:
     case, modalities, seed = args
-    try:
-        return case.case_id, fingerprint_case(case, modalities, seed), None
-    except BadInputError as e:
-        return case.case_id, None, e.line()
-    except MemoryError:
-        return case.case_id, None, f"{case.first_file}: out of memory while reading"
+    return guarded_case(case.case_id, case.first_file, "reading", fingerprint_case, case, modalities, seed)
 
 
 def run_fingerprints(cases: Sequence[CaseSource], modalities: Sequence[str | None], num_processes: int = 1,
@@ -124,25 +117,12 @@ def run_fingerprints(cases: Sequence[CaseSource], modalities: Sequence[str | Non
     jobs = [(c, list(modalities), i) for i, c in enumerate(cases)]
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
-    bar = tqdm(total=len(jobs), desc="fingerprint", unit="case", disable=not progress)
-    if num_processes > 1 and len(jobs) > 1:
-        with mp.get_context("fork").Pool(num_processes) as pool:
-            outs = list(_iter_with_bar(pool.imap(_worker, jobs), bar))
-    else:
-        outs = list(_iter_with_bar(map(_worker, jobs), bar))
-    bar.close()
-    for cid, res, err in outs:
+    for cid, res, err in map_cases(_worker, jobs, num_processes, "fingerprint", progress):
         if err is not None:
             errors[cid] = err
         else:
             results[cid] = res
     return results, errors
-
-
-def _iter_with_bar(it, bar):
-    for x in it:
-        bar.update(1)
-        yield x
 
 
 def aggregate_fingerprint(per_case: dict[str, dict], channel_names: dict) -> dict:

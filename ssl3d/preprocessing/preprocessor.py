@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import pickle
 import shutil
@@ -29,7 +28,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnU
 from ssl3d.data.readers import CaseSource, read_case
 from ssl3d.planning.fingerprint import foreground_mask
 from ssl3d.preprocessing.normalization import normalize_channels
-from ssl3d.utils import BadInputError, write_pickle
+from ssl3d.utils import guarded_case, map_cases, write_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +113,8 @@ def preprocess_case(case: CaseSource, plans: dict, configuration: str, out_dir: 
 
 def _worker(args: tuple) -> tuple[str, dict | None, str | None]:
     case, plans, configuration, out_dir, phash = args
-    try:
-        return case.case_id, preprocess_case(case, plans, configuration, out_dir, phash), None
-    except BadInputError as e:
-        return case.case_id, None, e.line()
-    except MemoryError:
-        return case.case_id, None, f"{case.first_file}: out of memory while preprocessing"
+    return guarded_case(case.case_id, case.first_file, "preprocessing", preprocess_case, case, plans, configuration,
+                        out_dir, phash)
 
 
 def run_preprocessing(cases: Sequence[CaseSource], plans: dict, configuration: str, out_dir: Path,
@@ -135,19 +130,11 @@ def run_preprocessing(cases: Sequence[CaseSource], plans: dict, configuration: s
         logger.info("%d of %d cases already preprocessed with these plans; skipping them", len(finished), len(cases))
     jobs = [(c, plans, configuration, out_dir, phash) for c in todo]
     done, errors = [], {}
-    bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
-    if num_processes > 1 and len(jobs) > 1:
-        with mp.get_context("fork").Pool(min(num_processes, len(jobs))) as pool:
-            results = pool.imap_unordered(_worker, jobs)
-            for cid, res, err in results:
-                bar.update(1)
-                (errors.__setitem__(cid, err) if err else done.append(cid))
-    else:
-        for job in jobs:
-            cid, res, err = _worker(job)
-            bar.update(1)
-            (errors.__setitem__(cid, err) if err else done.append(cid))
-    bar.close()
+    for cid, _, err in map_cases(_worker, jobs, num_processes, "preprocess", progress):
+        if err:
+            errors[cid] = err
+        else:
+            done.append(cid)
     shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
     return done, finished, errors
 
