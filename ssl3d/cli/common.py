@@ -15,6 +15,8 @@ def setup_logging(verbose: bool = False) -> None:
     # force: rebind to the current stderr (commands may run several times in one process, e.g. in tests)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr,
                         force=True)
+    # numexpr (pulled in by blosc2) logs its thread count at INFO: keep stderr to real messages
+    logging.getLogger("numexpr").setLevel(logging.WARNING)
 
 
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
