@@ -27,6 +27,7 @@ setup(
             "ssl_pretrain=ssl3d.cli.pretrain:main",
             "ssl_finetune=ssl3d.cli.finetune:main",
             "ssl_predict=ssl3d.cli.predict:main",
+            "ssl_benchmark=ssl3d.cli.benchmark:main",
             "ssl_extract_features=ssl3d.cli.extract_features:main",
             "ssl_export_weights=ssl3d.cli.finetune:export_main",
             "ssl_nnunet_ext_path=ssl3d.cli.finetune:ext_path_main",

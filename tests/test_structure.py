@@ -15,7 +15,7 @@ from ssl3d.training.methods.heads import DensifyDecoderMethod
 PACKAGE = Path(ssl3d.__file__).parent
 # floors, lowest first: a module may import its own package or any lower floor, never a higher one
 FLOORS = ["utils", "layers", "sparse", "architectures", "data", "planning", "preprocessing", "training", "inference",
-          "cli", "nnunet_ext"]
+          "evaluation", "cli", "nnunet_ext"]
 
 
 def _floor(module: str) -> str | None:
@@ -27,7 +27,7 @@ def _imports(path: Path) -> list[str]:
     module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -183,11 +183,11 @@ def test_densify_visible_features_do_not_depend_on_mask_token_or_ratio(method):
 
 def test_no_module_over_500_lines():
     long = [f"{p.relative_to(PACKAGE.parent)}: {n}" for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > 500]
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500]
     assert not long, long
 
 
 def test_no_copy_of_the_seed_literal():
     hits = [str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
-            if "12345" in p.read_text() and p.name != "utils.py"]
+            if "12345" in p.read_text(encoding="utf-8") and p.name != "utils.py"]
     assert not hits, f"use ssl3d.utils.DEFAULT_SEED: {hits}"

@@ -22,12 +22,14 @@ def ext_trainer_path() -> str:
 
 
 def run_nnunet(cmd: list[str], env_defaults: dict | None = None, dry_run: bool = False,
-               log_file: str | os.PathLike | None = None) -> int:
-    """Run a stock nnU-Net command (from this environment's bin folder) with ssl3d's trainer shims visible.
-    ``log_file``: stdout and stderr go there instead of the console."""
-    env = {**(env_defaults or {}), **os.environ, "nnUNet_extTrainer": ext_trainer_path()}
-    logger.info("export nnUNet_extTrainer=%s", env["nnUNet_extTrainer"])
-    logger.info("%s", " ".join(cmd))
+               log_file: str | os.PathLike | None = None, env_overrides: dict | None = None) -> int:
+    """Run a stock nnU-Net (or ssl3d) command from this environment's bin folder with ssl3d's trainer shims
+    visible. ``env_defaults`` yield to the user's environment, ``env_overrides`` win over it; ``log_file``:
+    stdout and stderr are appended there instead of going to the console."""
+    env = {**(env_defaults or {}), **os.environ, **(env_overrides or {}), "nnUNet_extTrainer": ext_trainer_path()}
+    say = logger.info if log_file is None else logger.debug  # with a log file the command goes there
+    say("export nnUNet_extTrainer=%s", env["nnUNet_extTrainer"])
+    say("%s", " ".join(cmd))
     if dry_run:
         return 0
     bin_dir = Path(sys.executable).parent
@@ -35,6 +37,8 @@ def run_nnunet(cmd: list[str], env_defaults: dict | None = None, dry_run: bool =
     if log_file is None:
         return subprocess.run([exe, *cmd[1:]], env=env).returncode
     with open(log_file, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
         return subprocess.run([exe, *cmd[1:]], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
 
 

@@ -25,16 +25,16 @@ from ssl3d.utils import DEFAULT_SEED, unwrap_network
 
 
 def few_shot_subset(train_keys: list[str], fold: int | str, n_train: int | None = None,
-                    fraction: float | None = None) -> list[str]:
-    """Deterministic subset of a fold's training cases (same seed → same cases; nested for growing K)."""
+                    fraction: float | None = None, seed: int = DEFAULT_SEED) -> list[str]:
+    """Deterministic subset of a fold's training cases: the first K of a permutation drawn from (seed, fold), so
+    the same seed gives the same cases for every method and the sets are nested as K grows."""
     keys = sorted(train_keys)
     if n_train is None and fraction is None:
         return keys
     k = int(n_train) if n_train is not None else max(1, int(round(float(fraction) * len(keys))))
     if not 1 <= k <= len(keys):
         raise ValueError(f"few-shot size {k} must be between 1 and {len(keys)} training cases")
-    seed = DEFAULT_SEED + (0 if fold == "all" else int(fold))
-    order = np.random.RandomState(seed).permutation(len(keys))
+    order = np.random.RandomState(seed + (0 if fold == "all" else int(fold))).permutation(len(keys))
     return sorted(keys[i] for i in order[:k])
 
 
@@ -60,6 +60,9 @@ class SSLFinetuneTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == "cpu":  # nnU-Net assumes NCCL on CUDA; gloo on CPU stays on CPU
+            self.device = device
+            self.grad_scaler = None
         self.ft = dict(self.configuration_manager.configuration.get("ssl3d_finetune", {}))
         self.num_epochs = int(self.ft.get("num_epochs", self.num_epochs))
         self.num_iterations_per_epoch = int(self.ft.get("num_iterations_per_epoch", self.num_iterations_per_epoch))
@@ -118,7 +121,7 @@ class SSLFinetuneTrainer(nnUNetTrainer):
     def do_split(self):
         self._maybe_small_dataset_splits()
         tr, val = super().do_split()
-        subset = few_shot_subset(list(tr), self.fold, self.ft.get("n_train"), self.ft.get("fraction"))
+        subset = few_shot_subset(list(tr), self.fold, self.ft.get("n_train"), self.ft.get("fraction"), self.seed)
         if len(subset) != len(tr):
             self.print_to_log_file(f"few-shot: training on {len(subset)} of {len(tr)} cases: {subset}")
         return subset, val

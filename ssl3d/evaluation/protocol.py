@@ -1,0 +1,144 @@
+"""What a label-efficiency benchmark runs: presets, arms (method | scratch × label count × seed), the held-out
+test set and the few-shot subsets, all decided before anything trains."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ssl3d.training.finetuning.trainer import few_shot_subset
+from ssl3d.training.methods import get_method_spec
+from ssl3d.utils import DEFAULT_SEED, BadInputError, read_json
+
+SCRATCH = "scratch"
+
+# small: fits 2 CPU cores (tiny networks, short schedules); paper: the real-size setting for a GPU
+PRESETS: dict[str, dict] = {
+    "small": {"size": "tiny", "patch_size": None, "pretrain_epochs": 30, "pretrain_iters": 10, "pretrain_batch": 2,
+              "ft_epochs": 20, "ft_iters": 10, "ft_val_iters": 1, "ft_batch": 2, "tta": False, "ft_lr": None,
+              "encoder_lr_factor": 1.0, "warmup": "linear"},
+    "paper": {"size": None, "patch_size": None, "pretrain_epochs": 1000, "pretrain_iters": 250, "pretrain_batch": None,
+              "ft_epochs": 1000, "ft_iters": 250, "ft_val_iters": 50, "ft_batch": 2, "tta": True, "ft_lr": None,
+              "encoder_lr_factor": 1.0, "warmup": "linear"},
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tuning run. ``method`` is a registered method or ``scratch``; ``base`` the method whose plans and
+    downstream network it uses (for scratch: the same network, randomly initialised)."""
+
+    method: str
+    base: str
+    n_train: int
+    n_label: str  # as asked: "1", "2", ..., "all"
+    seed: int
+
+    @property
+    def id(self) -> str:
+        who = self.method if self.method != SCRATCH else f"{SCRATCH}-{self.base}"
+        return f"{who}__n{self.n_label}__s{self.seed}"
+
+    @property
+    def scratch(self) -> bool:
+        return self.method == SCRATCH
+
+
+def scratch_label(base: str, bases: Sequence[str]) -> str:
+    """``scratch`` when every method shares one downstream network, else ``scratch (<network>)``."""
+    nets = {get_method_spec(b).downstream for b in bases}
+    if len(nets) == 1:
+        return SCRATCH
+    return f"{SCRATCH} ({(get_method_spec(base).downstream or base).rsplit('.', 1)[-1]})"
+
+
+def plan_arms(methods: Sequence[str], scratch: bool, n_train: Sequence[str], seeds: Sequence[int],
+              n_trainable: int) -> list[Arm]:
+    """Every arm, seed-major so that a partial run already holds complete comparisons. One scratch arm per
+    distinct downstream network (its own baseline); label counts above the trainable cases are refused."""
+    counts = []
+    for k in n_train:
+        n = n_trainable if str(k) == "all" else int(k)
+        if not 1 <= n <= n_trainable:
+            raise BadInputError(None, f"--n-train {k}: only {n_trainable} labeled cases can be trained on "
+                                      f"(the rest is the held-out test set)")
+        counts.append((n, str(k)))
+    bases = []
+    seen = set()
+    for m in methods:
+        net = get_method_spec(m).downstream
+        if net not in seen:
+            seen.add(net)
+            bases.append(m)
+    arms = []
+    for seed in seeds:
+        for n, label in counts:
+            arms += [Arm(SCRATCH, b, n, label, seed) for b in bases] if scratch else []
+            arms += [Arm(m, m, n, label, seed) for m in methods]
+    return arms
+
+
+@dataclass
+class TestSplit:
+    """Labeled cases that arms may train on, and the held-out test cases (image files per channel + label)."""
+
+    trainable: list[str]
+    test_images: dict[str, list[Path]] = field(default_factory=dict)
+    test_labels: dict[str, Path] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"trainable": self.trainable, "test": sorted(self.test_labels),
+                **{k: {c: [str(p) for p in v] if isinstance(v, list) else str(v) for c, v in d.items()}
+                   for k, d in (("test_images", self.test_images), ("test_labels", self.test_labels))}}
+
+
+def _cases(images: Path, labels: Path, file_ending: str) -> tuple[dict[str, list[Path]], dict[str, Path]]:
+    imgs: dict[str, list[Path]] = {}
+    for p in sorted(images.glob(f"*_[0-9][0-9][0-9][0-9]{file_ending}")):
+        imgs.setdefault(p.name[: -len(file_ending) - 5], []).append(p)
+    labs = {p.name[: -len(file_ending)]: p for p in sorted(labels.glob(f"*{file_ending}"))}
+    missing = sorted(set(imgs) - set(labs))
+    if missing:
+        raise BadInputError(labels, f"no label for {len(missing)} case(s), e.g. {missing[0]}")
+    return imgs, labs
+
+
+def split_test(raw_dataset: Path, test: Path | None, test_fraction: float, min_train: int) -> TestSplit:
+    """Hold out a fixed test set. Without ``test``: a seeded ``test_fraction`` of the labeled dataset's cases
+    (at least one, leaving ``min_train``), never trained on by any arm. With ``test``: a raw dataset folder
+    (imagesTs/labelsTs, else imagesTr/labelsTr) or a folder with images/ and labels/."""
+    dj = read_json(raw_dataset / "dataset.json")
+    ending = dj.get("file_ending", ".nii.gz")
+    imgs, labs = _cases(raw_dataset / "imagesTr", raw_dataset / "labelsTr", ending)
+    if not imgs:
+        raise BadInputError(raw_dataset / "imagesTr", "no labeled cases")
+    if test is None:
+        ids = sorted(imgs)
+        n_test = max(1, int(math.floor(test_fraction * len(ids))))
+        if len(ids) - n_test < min_train:
+            raise BadInputError(raw_dataset, f"{len(ids)} labeled cases cannot give a test set and {min_train} "
+                                             f"training cases; give --test or fewer --n-train")
+        chosen = set(np.random.RandomState(DEFAULT_SEED).choice(ids, n_test, replace=False).tolist())
+        return TestSplit([i for i in ids if i not in chosen], {i: imgs[i] for i in sorted(chosen)},
+                         {i: labs[i] for i in sorted(chosen)})
+    for im, lb in (("imagesTs", "labelsTs"), ("imagesTr", "labelsTr"), ("images", "labels")):
+        if (test / im).is_dir() and (test / lb).is_dir():
+            t_imgs, t_labs = _cases(test / im, test / lb, ending)
+            break
+    else:
+        raise BadInputError(test, "test set needs imagesTs/ + labelsTs/, imagesTr/ + labelsTr/ or images/ + labels/")
+    if not t_imgs:
+        raise BadInputError(test, "no test images")
+    return TestSplit(sorted(imgs), t_imgs, t_labs)
+
+
+def training_cases(split: TestSplit, arm: Arm) -> list[str]:
+    """The few-shot cases of an arm: what ``SSLFinetuneTrainer`` picks for this seed (nested as K grows)."""
+    return few_shot_subset(split.trainable, 0, None if arm.n_label == "all" else arm.n_train, None, arm.seed)
+
+
+def arm_record(arm: Arm) -> dict:
+    return asdict(arm) | {"id": arm.id}

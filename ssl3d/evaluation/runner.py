@@ -1,0 +1,243 @@
+"""``run_benchmark``: pretrain each method once, fine-tune every arm with stock nnU-Net, predict the held-out test
+set, score with nnU-Net's evaluation. Every step is a resumable unit whose result file is written last.
+
+Isolation: everything lives under the output folder. The pool's preprocessed dataset is linked into
+``<out>/nnUNet_preprocessed`` (read only); the labeled dataset is planned and preprocessed there with a split
+whose training cases exclude the test set; every arm trains into its own ``nnUNet_results``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ssl3d.evaluation.protocol import PRESETS, Arm, TestSplit, arm_record, plan_arms, split_test, training_cases
+from ssl3d.evaluation.report import write_reports
+from ssl3d.inference.nnunet_bridge import nnunet_dataset_name, run_nnunet
+from ssl3d.training.methods import get_method_spec
+from ssl3d.utils import BadInputError, env_dir, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchmarkConfig:
+    pool: str  # preprocessed unlabeled pool (ssl_pretrain -d), id or name
+    labeled: str  # nnU-Net raw labeled dataset, id or name
+    methods: list[str]
+    output: Path
+    scratch: bool = True
+    n_train: list[str] = field(default_factory=lambda: ["1", "2", "all"])
+    seeds: int = 2
+    preset: str = "small"
+    device: str = "cpu"
+    test: Path | None = None
+    test_fraction: float = 1 / 3
+    pretrained: dict[str, Path] = field(default_factory=dict)  # method -> finished pretraining results folder
+    num_processes: int = 2
+    overrides: dict = field(default_factory=dict)  # preset keys set on the command line
+    progress: bool = True
+
+    def setting(self) -> dict:
+        if self.preset not in PRESETS:
+            raise BadInputError(None, f"unknown preset '{self.preset}' ({', '.join(PRESETS)})")
+        return {**PRESETS[self.preset], **{k: v for k, v in self.overrides.items() if v is not None}}
+
+
+class Benchmark:
+    def __init__(self, cfg: BenchmarkConfig):
+        self.cfg = cfg
+        self.s = cfg.setting()
+        self.out = Path(cfg.output).resolve()
+        raw = env_dir("nnUNet_raw")
+        pre = env_dir("nnUNet_preprocessed")
+        if raw is None or pre is None:
+            raise BadInputError(None, "set nnUNet_raw and nnUNet_preprocessed")
+        for m in list(cfg.methods) + list(cfg.pretrained):
+            get_method_spec(m)  # unknown methods fail before anything runs
+        self.labeled = nnunet_dataset_name(cfg.labeled)
+        self.raw_labeled = raw / self.labeled
+        self.pool_dir = self._find_pool(pre, cfg.pool)
+        self.pre_root = self.out / "nnUNet_preprocessed"
+        self.env = {"nnUNet_preprocessed": str(self.pre_root), "nnUNet_raw": str(raw),
+                    "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "1"), "nnUNet_compile": "false"}
+        max_n = max((int(k) for k in cfg.n_train if str(k) != "all"), default=1)
+        self.split: TestSplit = split_test(self.raw_labeled, Path(cfg.test) if cfg.test else None,
+                                           cfg.test_fraction, max_n)
+        self.arms = plan_arms(cfg.methods, cfg.scratch, cfg.n_train, range(cfg.seeds), len(self.split.trainable))
+
+    @staticmethod
+    def _find_pool(pre: Path, pool: str) -> Path:
+        hits = sorted(pre.glob(f"Dataset{int(pool):03d}_*")) if str(pool).isdigit() else [pre / pool]
+        if not hits or not (hits[0] / "ssl3dPlans.json").is_file():
+            raise BadInputError(pre / str(pool), "no ssl3d-preprocessed pool here (run ssl_plan_and_preprocess)")
+        return hits[0]
+
+    # ---- set-up ------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.pre_root.mkdir(exist_ok=True)
+        link = self.pre_root / self.pool_dir.name
+        if not link.exists():
+            link.symlink_to(self.pool_dir, target_is_directory=True)
+        test_dir = self.out / "test"
+        for kind in ("images", "labels"):
+            (test_dir / kind).mkdir(parents=True, exist_ok=True)
+        for case, files in self.split.test_images.items():
+            for f in files:
+                _link(test_dir / "images" / f.name, f)
+            _link(test_dir / "labels" / self.split.test_labels[case].name, self.split.test_labels[case])
+        # nnU-Net reads fold 0 from here: training candidates only; the test cases are in no list
+        splits = [{"train": self.split.trainable, "val": self.split.trainable}]
+        (self.pre_root / self.labeled).mkdir(exist_ok=True)
+        write_json(self.pre_root / self.labeled / "splits_final.json", splits)
+        write_json(self.out / "protocol.json", {"config": _jsonable(self.cfg), "setting": self.s,
+                                                "labeled_dataset": self.labeled, "pool": self.pool_dir.name,
+                                                "split": self.split.to_json(),
+                                                "arms": [arm_record(a) | {"train_cases": training_cases(
+                                                    self.split, a)} for a in self.arms]})
+
+    # ---- pretraining -------------------------------------------------------------------------------------
+    def pretrain(self, method: str) -> dict:
+        done = self.out / "pretraining" / f"{method}.json"
+        if done.is_file():
+            return read_json(done)
+        if method in self.cfg.pretrained:
+            info = {"method": method, "results": str(Path(self.cfg.pretrained[method]).resolve()), "given": True}
+            write_json(done, info)
+            return info
+        res_root = self.out / "pretraining" / "nnUNet_results"
+        trainer = get_method_spec(method).trainer_name
+        folder = res_root / self.pool_dir.name / f"{trainer}__ssl3dPlans__3d_fullres"
+        s = self.s
+        cmd = ["ssl_pretrain", "-d", self.pool_dir.name, "-m", method, "-device", self.cfg.device,
+               "--epochs", str(s["pretrain_epochs"]), "--iters", str(s["pretrain_iters"]), "--val-iters", "2",
+               "--no-progress", "--preview-every", "0", "--save-every", "5"]
+        cmd += ["--size", s["size"]] if s["size"] else []
+        cmd += ["--batch-size", str(s["pretrain_batch"])] if s["pretrain_batch"] else []
+        cmd += ["--patch-size", *map(str, s["patch_size"])] if s["patch_size"] else []
+        if (folder / "fold_0" / "checkpoint_latest.pth").is_file():
+            cmd.append("--c")  # killed earlier: continue
+        log = self.out / "pretraining" / f"{method}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        rc = run_nnunet(cmd, log_file=log, env_overrides={**self.env, "nnUNet_results": str(res_root)})
+        if rc != 0 or not (folder / "fold_0" / "checkpoint_final.pth").is_file():
+            raise BenchmarkStepError(f"pretraining {method} failed (exit {rc}); see {log}")
+        ckpt = folder / "fold_0" / "checkpoint_final.pth"
+        info = {"method": method, "results": str(folder), "wall_s": round(time.time() - start, 1), "log": str(log),
+                **_pretraining_losses(ckpt)}
+        write_json(done, info)
+        return info
+
+    # ---- one arm -----------------------------------------------------------------------------------------
+    def run_arm(self, arm: Arm, pretrained: dict) -> dict:
+        folder = self.out / "arms" / arm.id
+        done = folder / "result.json"
+        if done.is_file():
+            return read_json(done)
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / "run.log"
+        s = self.s
+        env = {**self.env, "nnUNet_results": str(folder / "nnUNet_results")}
+        cmd = ["ssl_finetune", "-d", self.labeled, "-p", pretrained["results"], "-f", "0", "-device", self.cfg.device,
+               "--epochs", str(s["ft_epochs"]), "--iters", str(s["ft_iters"]), "--val-iters", str(s["ft_val_iters"]),
+               "--batch-size", str(s["ft_batch"]), "--seed", str(arm.seed), "--no-final-val",
+               "-np", str(self.cfg.num_processes), "--warmup", s["warmup"],
+               "--encoder-lr-factor", str(s["encoder_lr_factor"])]
+        cmd += [] if arm.n_label == "all" else ["--n-train", str(arm.n_train)]
+        cmd += ["--scratch"] if arm.scratch else []
+        cmd += ["--lr", str(s["ft_lr"])] if s["ft_lr"] else []
+        t0 = time.time()
+        if run_nnunet(cmd, log_file=log, env_overrides=env) != 0:
+            raise BenchmarkStepError(f"fine-tuning {arm.id} failed; see {log}")
+        t1 = time.time()
+        plans = f"ssl3d_{arm.base}Plans" + ("_scratch" if arm.scratch else "")
+        pred = folder / "predictions"
+        cmd = ["nnUNetv2_predict", "-i", str(self.out / "test" / "images"), "-o", str(pred), "-d", self.labeled,
+               "-c", "3d_fullres", "-p", plans, "-tr", "SSLFinetuneTrainer", "-f", "0", "-chk",
+               "checkpoint_final.pth", "-device", self.cfg.device, "-npp", "1", "-nps", "1"]
+        cmd += [] if s["tta"] else ["--disable_tta"]
+        if run_nnunet(cmd, log_file=log, env_overrides=env) != 0:
+            raise BenchmarkStepError(f"prediction {arm.id} failed; see {log}")
+        t2 = time.time()
+        scores = self.evaluate(pred)
+        result = {**arm_record(arm), "status": "ok", "train_cases": training_cases(self.split, arm),
+                  "plans": plans, **scores, "finetune_s": round(t1 - t0, 1), "predict_s": round(t2 - t1, 1),
+                  "log": str(log)}
+        write_json(done, result)
+        return result
+
+    def evaluate(self, pred: Path) -> dict:
+        """Per-class Dice (and IoU) on the test cases with nnU-Net's own evaluation."""
+        from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+        dj = read_json(self.raw_labeled / "dataset.json")
+        labels = {int(v): k for k, v in dj["labels"].items() if isinstance(v, int) and v != 0}
+        res = compute_metrics_on_folder(str(self.out / "test" / "labels"), str(pred), str(pred / "summary.json"),
+                                        SimpleITKIO(), dj.get("file_ending", ".nii.gz"), sorted(labels),
+                                        num_processes=1, chill=False)
+        dice = {labels[k]: float(v["Dice"]) for k, v in res["mean"].items()}
+        iou = {labels[k]: float(v["IoU"]) for k, v in res["mean"].items()}
+        return {"dice": dice, "iou": iou, "mean_dice": float(res["foreground_mean"]["Dice"])}
+
+    # ---- everything --------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.prepare()
+        methods = sorted({a.base for a in self.arms})
+        total = len(methods) + len(self.arms)
+        results, failures, pre = [], [], {}
+        with tqdm(total=total, desc="benchmark", unit="step", disable=not self.cfg.progress) as bar:
+            for m in methods:
+                bar.set_postfix_str(f"pretrain {m}")
+                try:
+                    pre[m] = self.pretrain(m)
+                except BenchmarkStepError as e:
+                    failures.append({"step": f"pretrain {m}", "error": str(e)})
+                    logger.error("%s", e)
+                bar.update(1)
+            for arm in self.arms:
+                bar.set_postfix_str(arm.id)
+                if arm.base not in pre:
+                    failures.append({"step": arm.id, "error": f"no pretraining for {arm.base}"})
+                else:
+                    try:
+                        results.append(self.run_arm(arm, pre[arm.base]))
+                    except BenchmarkStepError as e:
+                        failures.append({"step": arm.id, "error": str(e)})
+                        logger.error("%s", e)
+                bar.update(1)
+        return write_reports(self.out, results, failures, pre, self.cfg.methods,
+                             len(self.split.trainable), len(self.split.test_labels), self.s)
+
+
+class BenchmarkStepError(RuntimeError):
+    """One step failed; the benchmark records it with its log and goes on with the other arms."""
+
+
+def run_benchmark(cfg: BenchmarkConfig) -> dict:
+    return Benchmark(cfg).run()
+
+
+def _link(dst: Path, src: Path) -> None:
+    if not dst.exists():
+        dst.symlink_to(Path(src).resolve())
+
+
+def _pretraining_losses(ckpt: Path) -> dict:
+    import torch
+
+    logging_ = torch.load(ckpt, map_location="cpu", weights_only=False)["logging"]
+    tr, val = logging_.get("train_losses", []), logging_.get("val_losses", [])
+    return {"first_train_loss": float(tr[0]) if tr else None, "final_train_loss": float(tr[-1]) if tr else None,
+            "final_val_loss": float(val[-1]) if val else None}
+
+
+def _jsonable(cfg: BenchmarkConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else {a: str(b) for a, b in v.items()} if isinstance(v, dict)
+                and k == "pretrained" else v) for k, v in vars(cfg).items()}

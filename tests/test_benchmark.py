@@ -1,0 +1,137 @@
+"""ssl_benchmark: statistics against a hand-computed example, arms and nested seed-matched subsets, a held-out
+test set no arm trains on, and a tiny end-to-end run with its three outputs and resume."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssl3d.evaluation.protocol import Arm, TestSplit, plan_arms, split_test, training_cases
+from ssl3d.evaluation.stats import paired_difference, summarize
+from ssl3d.utils import BadInputError
+
+BIN = Path(sys.executable).parent
+
+
+def test_paired_difference_matches_hand_computation():
+    a = {0: 0.5, 1: 0.6, 2: 0.7}
+    b = {0: 0.4, 1: 0.4, 2: 0.6, 3: 0.9}  # seed 3 has no partner and is ignored
+    d = paired_difference(a, b)
+    # differences 0.1, 0.2, 0.1: mean 0.13333, sd 0.057735, se 0.033333, t(0.975, 2) = 4.302653
+    assert d.n == 3
+    assert math.isclose(d.mean, 0.133333, abs_tol=1e-5)
+    assert math.isclose(d.low, 0.133333 - 0.143422, abs_tol=1e-5)
+    assert math.isclose(d.high, 0.133333 + 0.143422, abs_tol=1e-5)
+    one = paired_difference({0: 0.5}, {0: 0.25})
+    assert one.mean == 0.25 and math.isnan(one.low) and one.fmt() == "+0.250"
+    s = summarize([0.5, 0.7, float("nan")])
+    assert s.n == 2 and math.isclose(s.mean, 0.6) and math.isclose(s.sd, math.sqrt(0.02))
+
+
+def test_arms_one_scratch_per_downstream_network_and_refused_counts():
+    arms = plan_arms(["spark", "hyspark"], True, ["1", "2", "all"], [0, 1], n_trainable=4)
+    assert len(arms) == 2 * 3 * (2 + 2)  # seeds × counts × (2 methods + 2 scratch baselines)
+    scratch = {a.base for a in arms if a.scratch}
+    assert scratch == {"spark", "hyspark"}
+    assert {a.n_train for a in arms if a.n_label == "all"} == {4}
+    assert len({a.id for a in arms}) == len(arms)
+    with pytest.raises(BadInputError):
+        plan_arms(["spark"], False, ["5"], [0], n_trainable=4)
+
+
+def test_few_shot_subsets_are_nested_and_seed_matched():
+    split = TestSplit([f"c{i:02d}" for i in range(12)])
+    for seed in range(3):
+        sets = [set(training_cases(split, Arm(m, m, n, str(n), seed))) for n in (1, 2, 4, 8) for m in ("spark",)]
+        assert all(a < b for a, b in zip(sets, sets[1:])), "the 2-case set must contain the 1-case set"
+        assert training_cases(split, Arm("spark", "spark", 2, "2", seed)) == \
+            training_cases(split, Arm("scratch", "spark", 2, "2", seed)), "same seed, same cases for every arm"
+    assert len({tuple(training_cases(split, Arm("spark", "spark", 4, "4", s))) for s in range(5)}) > 1
+
+
+def _raw_dataset(root: Path, n: int) -> Path:
+    ds = root / "Dataset802_X"
+    for sub in ("imagesTr", "labelsTr"):
+        (ds / sub).mkdir(parents=True)
+    for i in range(n):
+        (ds / "imagesTr" / f"case{i}_0000.nii.gz").write_bytes(b"")
+        (ds / "labelsTr" / f"case{i}.nii.gz").write_bytes(b"")
+    (ds / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz", "labels": {"background": 0, "a": 1}}))
+    return ds
+
+
+def test_held_out_test_set_is_fixed_and_disjoint(tmp_path):
+    ds = _raw_dataset(tmp_path, 9)
+    a, b = split_test(ds, None, 1 / 3, 2), split_test(ds, None, 1 / 3, 2)
+    assert a.trainable == b.trainable and sorted(a.test_labels) == sorted(b.test_labels)
+    assert len(a.test_labels) == 3 and not set(a.trainable) & set(a.test_labels)
+    with pytest.raises(BadInputError):
+        split_test(ds, None, 1 / 3, 7)  # 9 cases cannot give a test set and 7 training cases
+
+
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+               nnUNet_results=str(root / "res"), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+    for cmd in (["ssl_make_demo_data", "-o", str(root / "raw"), "--size", "tiny", "-nu", "3", "-nl", "4",
+                 "--no-progress"],
+                ["ssl_plan_and_preprocess", "-d", "801", "-np", "1", "--no-progress", "--patch-size", "16", "32", "32"]):
+        r = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return root, env
+
+
+def _bench(env, out, *extra):
+    cmd = [str(BIN / "ssl_benchmark"), "-u", "801", "-l", "802", "-m", "spark", "--scratch", "--n-train", "1",
+           "--seeds", "1", "--pretrain-epochs", "1", "--pretrain-iters", "2", "--ft-epochs", "1", "--ft-iters", "2",
+           "--size", "tiny", "-device", "cpu", "-np", "1", "--no-progress", "-o", str(out), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_tiny_benchmark_end_to_end_and_resume(bench_data):
+    root, env = bench_data
+    out = root / "out"
+    r = _bench(env, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert not res["failures"] and len(res["arms"]) == 2
+    assert (out / "label_efficiency.png").stat().st_size > 10_000
+    protocol = json.loads((out / "protocol.json").read_text())
+    test_cases = set(protocol["split"]["test"])
+    assert test_cases and all(not test_cases & set(a["train_cases"]) for a in res["arms"])
+    for arm in res["arms"]:  # consistent numbers: mean Dice = mean over classes, table shows it
+        assert len(arm["train_cases"]) == 1
+        assert math.isclose(arm["mean_dice"], sum(arm["dice"].values()) / len(arm["dice"]), abs_tol=1e-9)
+        # nnU-Net never saw a test case: its split lists training candidates only
+        split = json.loads((out / "nnUNet_preprocessed" / "Dataset802_SynthCTOrgans" / "splits_final.json")
+                           .read_text())
+        assert not test_cases & set(split[0]["train"])
+    md = (out / "results.md").read_text()
+    by = {a["method"]: a["mean_dice"] for a in res["arms"]}
+    assert f"| spark | {by['spark']:.3f} |" in md and f"| scratch | {by['scratch']:.3f} |" in md
+    assert f"{by['spark'] - by['scratch']:+.3f}" in md
+
+    # simulated kill: one arm's result and the reports are gone; the rerun redoes that arm only
+    spark_log = out / "arms" / "spark__n1__s0" / "run.log"
+    size, pre_mtime = spark_log.stat().st_size, (out / "pretraining" / "spark.json").stat().st_mtime
+    (out / "arms" / "scratch-spark__n1__s0" / "result.json").unlink()
+    for f in ("results.json", "results.md", "label_efficiency.png"):
+        (out / f).unlink()
+    r = _bench(env, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert spark_log.stat().st_size == size, "finished arm was rerun"
+    assert (out / "pretraining" / "spark.json").stat().st_mtime == pre_mtime
+    assert (out / "arms" / "scratch-spark__n1__s0" / "result.json").is_file()
+    again = json.loads((out / "results.json").read_text())
+    assert len(again["arms"]) == 2
+
+
+def test_benchmark_bad_input_is_one_line(bench_data, tmp_path):
+    root, env = bench_data
+    r = _bench(env, tmp_path / "o", "--test", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len([l for l in r.stderr.splitlines() if l.strip()]) == 1, r.stderr
