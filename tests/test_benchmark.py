@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl3d.evaluation.protocol import Arm, TestSplit, plan_arms, split_test, training_cases
+from ssl3d.evaluation.protocol import Arm, HeldOutSplit, plan_arms, split_test, training_cases
 from ssl3d.evaluation.stats import paired_difference, summarize
 from ssl3d.utils import BadInputError
 
@@ -31,6 +31,42 @@ def test_paired_difference_matches_hand_computation():
     assert s.n == 2 and math.isclose(s.mean, 0.6) and math.isclose(s.sd, math.sqrt(0.02))
 
 
+def test_linear_cka_properties():
+    import torch
+
+    from ssl3d.evaluation.similarity import linear_cka, stage_cka
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 8, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+    assert math.isclose(linear_cka(x, x), 1.0, abs_tol=1e-9)
+    assert math.isclose(linear_cka(x, 3.0 * x @ q + 2.0), 1.0, abs_tol=1e-9), "invariant to rotation, scale, shift"
+    assert linear_cka(x, torch.randn(500, 8, generator=g)) < 0.1, "independent features are dissimilar"
+    # hand example: y = first column of x only -> CKA = ||x1||^4 / (||X^T X||_F ||x1||^2) for centered x
+    a = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
+    assert math.isclose(linear_cka(a, a[:, :1]), 2.0 ** 2 / (math.sqrt(2.0 ** 2 + 8.0 ** 2) * 2.0), rel_tol=1e-9)
+    maps = [torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 6, 2, 2, 2, generator=g)]
+    assert [round(v, 9) for v in stage_cka(maps, maps)] == [1.0, 1.0]
+
+
+def test_reconstruction_metrics():
+    import torch
+
+    from ssl3d.training.recon_metrics import masked_psnr, masked_ssim
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(1, 1, 8, 16, 16, generator=g)
+    masked = torch.zeros_like(y, dtype=torch.bool)
+    masked[..., :4, :, :] = True
+    assert masked_psnr(y, y, masked) == float("inf") and math.isclose(masked_ssim(y, y, masked), 1.0, rel_tol=1e-6)
+    noisy = y.clone()
+    noisy[masked] += 0.1  # MSE 0.01 on masked voxels only
+    peak = float(y.max() - y.min())
+    assert math.isclose(masked_psnr(noisy, y, masked), 10 * math.log10(peak ** 2 / 0.01), rel_tol=1e-4)
+    assert masked_ssim(noisy, y, masked) < 1.0
+    assert masked_psnr(noisy, y, ~masked) == float("inf"), "visible voxels are not scored"
+
+
 def test_arms_one_scratch_per_downstream_network_and_refused_counts():
     arms = plan_arms(["spark", "hyspark"], True, ["1", "2", "all"], [0, 1], n_trainable=4)
     assert len(arms) == 2 * 3 * (2 + 2)  # seeds × counts × (2 methods + 2 scratch baselines)
@@ -43,7 +79,7 @@ def test_arms_one_scratch_per_downstream_network_and_refused_counts():
 
 
 def test_few_shot_subsets_are_nested_and_seed_matched():
-    split = TestSplit([f"c{i:02d}" for i in range(12)])
+    split = HeldOutSplit([f"c{i:02d}" for i in range(12)])
     for seed in range(3):
         sets = [set(training_cases(split, Arm(m, m, n, str(n), seed))) for n in (1, 2, 4, 8) for m in ("spark",)]
         assert all(a < b for a, b in zip(sets, sets[1:])), "the 2-case set must contain the 1-case set"
@@ -95,7 +131,7 @@ def _bench(env, out, *extra):
 def test_tiny_benchmark_end_to_end_and_resume(bench_data):
     root, env = bench_data
     out = root / "out"
-    r = _bench(env, out)
+    r = _bench(env, out, "--cka")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert not res["failures"] and len(res["arms"]) == 2
@@ -114,6 +150,11 @@ def test_tiny_benchmark_end_to_end_and_resume(bench_data):
     by = {a["method"]: a["mean_dice"] for a in res["arms"]}
     assert f"| spark | {by['spark']:.3f} |" in md and f"| scratch | {by['scratch']:.3f} |" in md
     assert f"{by['spark'] - by['scratch']:+.3f}" in md
+    pre = res["pretraining"]["spark"]
+    assert pre["reconstruction"]["psnr"] > 0 and "masked PSNR" in md
+    cka = json.loads((out / "cka.json").read_text())
+    assert len(cka) == 2 and all(0 <= v <= 1.000001 for row in cka for v in row["cka"])
+    assert (out / "cka.png").stat().st_size > 5_000
 
     # simulated kill: one arm's result and the reports are gone; the rerun redoes that arm only
     spark_log = out / "arms" / "spark__n1__s0" / "run.log"

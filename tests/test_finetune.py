@@ -12,6 +12,7 @@ import torch
 from ssl3d.architectures.from_plans import build_network_from_plans as build_downstream
 from ssl3d.training.export import EncoderMismatchError, transfer_encoder
 from ssl3d.training.finetuning.trainer import few_shot_subset
+from ssl3d.training.methods import get_method_spec, method_specs
 
 BIN = Path(sys.executable).parent
 
@@ -100,10 +101,12 @@ def test_ssl_predict_bad_input_is_one_line(pretrained, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("method,trainer", [("hyspark", "HySparKPretrainer"), ("mae", "MAEPretrainer")])
-def test_stock_training_of_hybrid_and_vit_downstream_networks(pretrained, method, trainer):
-    """HybridUNet (deep supervision) and ViTSegNet go through stock nnUNetv2_train with their encoders loaded."""
+@pytest.mark.parametrize("method", sorted(m for m in method_specs() if m != "spark"))  # spark: the fixture
+def test_stock_training_of_every_methods_downstream_network(pretrained, method):
+    """Every registered method's downstream network (HybridUNet with deep supervision, ViTSegNet, ...) goes through
+    stock nnUNetv2_train with its encoder loaded."""
     env = pretrained["env"]
+    trainer = get_method_spec(method).trainer_name
     sh(["ssl_pretrain", "-d", "801", "-m", method, "-device", "cpu", "--size", "tiny", "--epochs", "1", "--iters",
         "1", "--val-iters", "1", "--no-progress"], env)
     results = pretrained["root"] / "res" / "Dataset801_SynthCTPool" / f"{trainer}__ssl3dPlans__3d_fullres"
@@ -167,7 +170,7 @@ def test_medcontext_trains_with_stock_nnunet(pretrained):
     assert ckpt["current_epoch"] == 1
 
 
-@pytest.mark.parametrize("method", ["mae", "hyspark", "spark"])
+@pytest.mark.parametrize("method", sorted(method_specs()))
 def test_every_method_has_a_downstream_network_taking_its_encoder(method):
     from test_pretraining import tiny_method
 
@@ -191,3 +194,19 @@ def test_few_shot_never_touches_validation_cases():
     for fold, split in enumerate(generate_crossval_split(keys, seed=12345, n_splits=5)):
         sub = few_shot_subset(split["train"], fold, n_train=4)
         assert not set(sub) & set(split["val"])
+
+
+def _finetune_losses(pretrained, name, seed):
+    env = dict(pretrained["env"], nnUNet_results=str(pretrained["root"] / f"repro_{name}"), nnUNet_n_proc_DA="1")
+    sh(["ssl_finetune", "-d", "802", "-p", str(pretrained["results"]), "-device", "cpu", "--epochs", "2", "--iters",
+        "10", "--val-iters", "1", "--no-final-val", "-np", "1", "--seed", str(seed), "--n-train", "2"], env)
+    out = (pretrained["root"] / f"repro_{name}" / "Dataset802_SynthCTOrgans" /
+           "SSLFinetuneTrainer__ssl3d_sparkPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth")
+    return [float(v) for v in torch.load(out, map_location="cpu", weights_only=False)["logging"]["train_losses"]]
+
+
+def test_finetuning_is_reproducible_given_a_seed(pretrained):
+    """Two 20-iteration runs with the same seed (one augmentation worker, as in the demo) give identical losses."""
+    a, b, c = (_finetune_losses(pretrained, n, s) for n, s in (("a", 5), ("b", 5), ("c", 6)))
+    assert a == b, (a, b)
+    assert a != c

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", default=None, help="architecture preset of the methods (tiny, planned/S, ...)")
     g.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
     g.add_argument("--warmup", choices=["linear", "decoder"], default=None)
+    p.add_argument("--cka", action="store_true",
+                   help="feature reuse: linear CKA per stage between pretrained and fine-tuned encoders (cka.png)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -76,7 +78,8 @@ def _run(args: argparse.Namespace) -> int:
                           scratch=args.scratch, n_train=list(args.n_train), seeds=args.seeds, preset=args.preset,
                           device=args.device, test=Path(args.test) if args.test else None,
                           test_fraction=args.test_fraction, pretrained=_pretrained(args.p),
-                          num_processes=args.np, overrides=overrides, progress=not args.no_progress)
+                          num_processes=args.np, overrides=overrides, cka=args.cka,
+                          progress=not args.no_progress)
     summary = run_benchmark(cfg)
     logger.info("%s", (Path(args.o) / "results.md").read_text())
     logger.info("results: %s (results.json, results.md, label_efficiency.png)", args.o)

@@ -6,7 +6,7 @@ import logging
 import sys
 
 from ssl3d.cli.common import run_cli
-from ssl3d.data.synthetic import SIZE_PRESETS, write_demo_datasets
+from ssl3d.data.synthetic import PHASES, SIZE_PRESETS, write_demo_datasets
 from ssl3d.utils import env_dir
 
 
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-nl", "--n-labeled", type=int, default=8, help="cases in the labeled set (default 8)")
     p.add_argument("--size", choices=sorted(SIZE_PRESETS), default="small",
                    help="grid size: tiny (40-56 voxels in-plane, 12-24 slices) or small (80-128, 24-64; default)")
+    p.add_argument("--phase", choices=PHASES, default="native",
+                   help="contrast phase: native (default) or portal-venous (enhancing liver, spleen, kidneys, vessels)")
     p.add_argument("-du", "--unlabeled-id", type=int, default=801,
                    help="dataset id of the unlabeled pool (default 801)")
     p.add_argument("-dl", "--labeled-id", type=int, default=802, help="dataset id of the labeled set (default 802)")
@@ -41,7 +43,8 @@ def _run(args: argparse.Namespace) -> int:
         folders = write_demo_datasets(raw_dir, seed=args.seed, n_unlabeled=args.n_unlabeled,
                                       n_labeled=args.n_labeled, size=args.size, unlabeled_id=args.unlabeled_id,
                                       labeled_id=args.labeled_id, unlabeled_name=args.unlabeled_name,
-                                      labeled_name=args.labeled_name, progress=not args.no_progress)
+                                      labeled_name=args.labeled_name, progress=not args.no_progress,
+                                      phase=args.phase)
     except OSError as e:  # unwritable folder, full disk: one line, not a traceback
         raise SystemExit(f"ssl_make_demo_data: error: {e}") from None
     log = logging.getLogger("ssl3d")

@@ -100,20 +100,34 @@ def _segment_dist2(a: np.ndarray, b: np.ndarray, z: np.ndarray, p0: tuple[float,
     return (a - p0[0] - t * da) ** 2 + (b - p0[1] - t * db) ** 2 + (z - z0) ** 2
 
 
-def _sample_hu(rng: np.random.Generator) -> dict[str, float]:
-    """Per-case tissue values (HU) within published ranges; vessels and renal cortex contrast-enhanced."""
+PHASES = ("native", "portal-venous")
+
+
+def _sample_hu(rng: np.random.Generator, phase: str = "native") -> dict[str, float]:
+    """Per-case tissue values (HU) within published ranges; vessels and renal cortex contrast-enhanced.
+
+    ``portal-venous`` (most public abdominal CT, e.g. BTCV): enhancing parenchyma, liver 100-120, spleen
+    110-130, renal cortex 150-200, aorta 150-250. Its draws come after the native ones, so a seed's geometry
+    is the same in both phases.
+    """
     u = rng.uniform
-    return {"fat": u(-110, -85), "muscle": u(40, 60), "liver": u(55, 65), "spleen": u(45, 50),
+    hu = {"fat": u(-110, -85), "muscle": u(40, 60), "liver": u(55, 65), "spleen": u(45, 50),
             "kidney_medulla": u(30, 40), "kidney_cortex": u(120, 170), "aorta": u(170, 250), "ivc": u(140, 200),
             "cortical": u(700, 1000), "cancellous": u(200, 300), "disc": u(70, 100), "csf": u(0, 15),
             "rib": u(350, 650), "bowel": u(20, 45), "fluid": u(0, 20), "gas": u(-900, -750)}
+    if phase == "portal-venous":
+        hu.update({"liver": u(100, 120), "spleen": u(110, 130), "kidney_cortex": u(150, 200),
+                   "kidney_medulla": u(90, 130), "aorta": u(150, 250), "ivc": u(120, 180), "bowel": u(30, 60)})
+    elif phase != "native":
+        raise ValueError(f"unknown contrast phase {phase!r}; choose from {', '.join(PHASES)}")
+    return hu
 
 
 def _render(rng: np.random.Generator, za: np.ndarray, ba: np.ndarray, aa: np.ndarray, body: dict[str, float],
-            vox: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+            vox: tuple[float, float, float], phase: str = "native") -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Paint the anatomy on the grid spanned by reference-mm axes (z, b, a); later structures win."""
     u = rng.uniform
-    hu_of = _sample_hu(rng)
+    hu_of = _sample_hu(rng, phase)
     axes = (za, ba, aa)
     shape = (za.size, ba.size, aa.size)
     thin = max(2.5, 1.3 * vox[1])  # thin bone must stay at least a voxel thick to survive sampling
@@ -296,7 +310,7 @@ def _reorient(rng: np.random.Generator, arrays: list[np.ndarray], spacing: tuple
     return [np.ascontiguousarray(x) for x in arrays], geometry
 
 
-def make_phantom(rng: np.random.Generator, size: str = "small") -> Phantom:
+def make_phantom(rng: np.random.Generator, size: str = "small", phase: str = "native") -> Phantom:
     """Draw one synthetic abdominal CT (image in int16 HU, organ labels in uint8) with random geometry."""
     if size not in SIZE_PRESETS:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZE_PRESETS)}")
@@ -327,13 +341,13 @@ def make_phantom(rng: np.random.Generator, size: str = "small") -> Phantom:
     ba = (b_mid + (np.arange(n_ap) - 0.5 * (n_ap - 1)) * dxy).astype(np.float32)
     aa = (rng.normal(0, 4) + (np.arange(n_lr) - 0.5 * (n_lr - 1)) * dxy).astype(np.float32)
 
-    image, label, hu = _render(rng, za, ba, aa, body, (dz, dxy, dxy))
+    image, label, hu = _render(rng, za, ba, aa, body, (dz, dxy, dxy), phase)
 
     spacing = (s_xy, s_xy, s_z)
     extent = np.array([n_lr, n_ap, n_z]) * np.array(spacing)
     origin = tuple(-0.5 * extent + np.array([u(-30, 30), u(-30, 30), u(-400, 100)]))
     (image, label), geometry = _reorient(rng, [image, label], spacing, origin)
-    info = {"size": size, "scale_inplane": scale, "scale_z": n_z * s_z / length, "z_window_mm": (z0, z0 + length),
+    info = {"size": size, "phase": phase, "scale_inplane": scale, "scale_z": n_z * s_z / length, "z_window_mm": (z0, z0 + length),
             "hu": hu, "swap_xy": geometry["swap_xy"], "flips_xyz": geometry["flips_xyz"]}
     return Phantom(image=image, label=label, spacing=geometry["spacing"], origin=geometry["origin"],
                    direction=geometry["direction"], info=info)
@@ -388,7 +402,7 @@ def _files_to_drop(folder: Path, raw_dir: Path, dataset_id: int, case_pattern: s
 def write_demo_datasets(raw_dir: str | os.PathLike, seed: int = 0, n_unlabeled: int = 16, n_labeled: int = 8,
                         size: str = "small", unlabeled_id: int = 801, labeled_id: int = 802,
                         unlabeled_name: str = "SynthCTPool", labeled_name: str = "SynthCTOrgans",
-                        progress: bool = True) -> dict[str, Path]:
+                        progress: bool = True, phase: str = "native") -> dict[str, Path]:
     """Write an unlabeled pool and a labeled organ set of synthetic CT in nnU-Net v2 raw format.
 
     Returns ``{"unlabeled": folder, "labeled": folder}``; a subset with zero cases is not written and its
@@ -397,6 +411,8 @@ def write_demo_datasets(raw_dir: str | os.PathLike, seed: int = 0, n_unlabeled: 
     """
     if size not in SIZE_PRESETS:
         raise BadInputError(None, f"unknown size {size!r}; choose from {', '.join(sorted(SIZE_PRESETS))}")
+    if phase not in PHASES:
+        raise BadInputError(None, f"unknown contrast phase {phase!r}; choose from {', '.join(PHASES)}")
     if seed < 0 or n_unlabeled < 0 or n_labeled < 0:
         raise BadInputError(None, "seed and case counts must be >= 0")
     if n_unlabeled and n_labeled and unlabeled_id == labeled_id:
@@ -429,7 +445,7 @@ def write_demo_datasets(raw_dir: str | os.PathLike, seed: int = 0, n_unlabeled: 
             (folder / sub).mkdir(parents=True, exist_ok=True)
 
     for subset, key, i, case in tqdm(jobs, desc="synthetic CT", unit="case", disable=not progress):
-        image, label = phantom_to_sitk(make_phantom(_case_rng(seed, subset, i), size))
+        image, label = phantom_to_sitk(make_phantom(_case_rng(seed, subset, i), size, phase))
         _write_image_atomic(image, folders[key] / "imagesTr" / f"{case}_0000{FILE_ENDING}")
         if key == "labeled":
             _write_image_atomic(label, folders[key] / "labelsTr" / f"{case}{FILE_ENDING}")
@@ -444,7 +460,7 @@ def write_demo_datasets(raw_dir: str | os.PathLike, seed: int = 0, n_unlabeled: 
             "numTraining": n,
             "file_ending": FILE_ENDING,
             "name": name,
-            "description": (f"Synthetic abdomen-like CT phantoms ({size}, seed {seed}) from ssl_make_demo_data"
+            "description": (f"Synthetic abdomen-like CT ({size}, {phase} phase, seed {seed}) from ssl_make_demo_data"
                             + ("; organ labels" if labeled else "; unlabeled pool for self-supervised pretraining")),
             "licence": "CC0 (synthetic data)",
         })

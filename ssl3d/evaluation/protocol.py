@@ -82,7 +82,7 @@ def plan_arms(methods: Sequence[str], scratch: bool, n_train: Sequence[str], see
 
 
 @dataclass
-class TestSplit:
+class HeldOutSplit:
     """Labeled cases that arms may train on, and the held-out test cases (image files per channel + label)."""
 
     trainable: list[str]
@@ -106,7 +106,7 @@ def _cases(images: Path, labels: Path, file_ending: str) -> tuple[dict[str, list
     return imgs, labs
 
 
-def split_test(raw_dataset: Path, test: Path | None, test_fraction: float, min_train: int) -> TestSplit:
+def split_test(raw_dataset: Path, test: Path | None, test_fraction: float, min_train: int) -> HeldOutSplit:
     """Hold out a fixed test set. Without ``test``: a seeded ``test_fraction`` of the labeled dataset's cases
     (at least one, leaving ``min_train``), never trained on by any arm. With ``test``: a raw dataset folder
     (imagesTs/labelsTs, else imagesTr/labelsTr) or a folder with images/ and labels/."""
@@ -122,7 +122,7 @@ def split_test(raw_dataset: Path, test: Path | None, test_fraction: float, min_t
             raise BadInputError(raw_dataset, f"{len(ids)} labeled cases cannot give a test set and {min_train} "
                                              f"training cases; give --test or fewer --n-train")
         chosen = set(np.random.RandomState(DEFAULT_SEED).choice(ids, n_test, replace=False).tolist())
-        return TestSplit([i for i in ids if i not in chosen], {i: imgs[i] for i in sorted(chosen)},
+        return HeldOutSplit([i for i in ids if i not in chosen], {i: imgs[i] for i in sorted(chosen)},
                          {i: labs[i] for i in sorted(chosen)})
     for im, lb in (("imagesTs", "labelsTs"), ("imagesTr", "labelsTr"), ("images", "labels")):
         if (test / im).is_dir() and (test / lb).is_dir():
@@ -132,10 +132,10 @@ def split_test(raw_dataset: Path, test: Path | None, test_fraction: float, min_t
         raise BadInputError(test, "test set needs imagesTs/ + labelsTs/, imagesTr/ + labelsTr/ or images/ + labels/")
     if not t_imgs:
         raise BadInputError(test, "no test images")
-    return TestSplit(sorted(imgs), t_imgs, t_labs)
+    return HeldOutSplit(sorted(imgs), t_imgs, t_labs)
 
 
-def training_cases(split: TestSplit, arm: Arm) -> list[str]:
+def training_cases(split: HeldOutSplit, arm: Arm) -> list[str]:
     """The few-shot cases of an arm: what ``SSLFinetuneTrainer`` picks for this seed (nested as K grows)."""
     return few_shot_subset(split.trainable, 0, None if arm.n_label == "all" else arm.n_train, None, arm.seed)
 

@@ -117,8 +117,21 @@ def _axes(ax, ylabel: str, curves: dict) -> None:
     ax.grid(alpha=0.3)
 
 
+def pretraining_table(pretraining: dict) -> str:
+    rows = ["| method | wall time | train loss first → last | val loss | masked PSNR (baseline) | masked SSIM (baseline) |",
+            "|---|---|---|---|---|---|"]
+    for m, p in sorted(pretraining.items()):
+        r = p.get("reconstruction", {})
+        f = (lambda v, d=2: "–" if v is None else f"{v:.{d}f}")
+        rows.append(f"| {m} | {f(p.get('wall_s'), 0)} s | {f(p.get('first_train_loss'), 3)} → "
+                    f"{f(p.get('final_train_loss'), 3)} | {f(p.get('final_val_loss'), 3)} | "
+                    f"{f(r.get('psnr'))} dB ({f(r.get('baseline_psnr'))}) | {f(r.get('ssim'), 3)} "
+                    f"({f(r.get('baseline_ssim'), 3)}) |")
+    return "\n".join(rows) + "\n"
+
+
 def write_reports(out: Path, results: list[dict], failures: list[dict], pretraining: dict, methods: list[str],
-                  n_trainable: int, n_test: int, setting: dict) -> dict:
+                  n_trainable: int, n_test: int, setting: dict, cka: list[dict] | None = None) -> dict:
     agg = aggregate(results, list(methods))
     summary = {"arms": sorted(results, key=lambda r: r["id"]), "failures": failures, "pretraining": pretraining,
                "n_trainable": n_trainable, "n_test": n_test, "setting": setting,
@@ -126,8 +139,15 @@ def write_reports(out: Path, results: list[dict], failures: list[dict], pretrain
                                             "sd": summarize(list(c["mean_dice"].values())).sd,
                                             "seeds": len(c["mean_dice"])} for n, c in cur.items()}
                            for label, cur in agg["curves"].items()}}
+    if cka is not None:
+        summary["cka"] = cka
     write_json(out / "results.json", summary)
     md = markdown_table(agg, n_trainable, n_test, setting)
+    if pretraining:
+        md += ("\nPretraining (reconstruction of masked voxels on held-out pool cases; baseline = each masked voxel "
+               "filled with the mean of the visible ones):\n\n" + pretraining_table(pretraining))
+    if cka:
+        md += "\nFeature reuse (linear CKA, pretrained vs fine-tuned encoder, mean over seeds): see cka.png / cka.json\n"
     if failures:
         md += "\nFailed steps (see their logs):\n\n" + "\n".join(f"- {f['step']}: {f['error']}" for f in failures) + "\n"
     atomic_write(out / "results.md", lambda f: f.write(md), mode="w")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ssl3d.evaluation.protocol import PRESETS, Arm, TestSplit, arm_record, plan_arms, split_test, training_cases
+from ssl3d.evaluation.protocol import PRESETS, Arm, HeldOutSplit, arm_record, plan_arms, split_test, training_cases
 from ssl3d.evaluation.report import write_reports
 from ssl3d.inference.nnunet_bridge import nnunet_dataset_name, run_nnunet
 from ssl3d.training.methods import get_method_spec
@@ -40,6 +40,7 @@ class BenchmarkConfig:
     pretrained: dict[str, Path] = field(default_factory=dict)  # method -> finished pretraining results folder
     num_processes: int = 2
     overrides: dict = field(default_factory=dict)  # preset keys set on the command line
+    cka: bool = False  # feature reuse: linear CKA pretrained vs fine-tuned encoder per stage
     progress: bool = True
 
     def setting(self) -> dict:
@@ -66,7 +67,7 @@ class Benchmark:
         self.env = {"nnUNet_preprocessed": str(self.pre_root), "nnUNet_raw": str(raw),
                     "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "1"), "nnUNet_compile": "false"}
         max_n = max((int(k) for k in cfg.n_train if str(k) != "all"), default=1)
-        self.split: TestSplit = split_test(self.raw_labeled, Path(cfg.test) if cfg.test else None,
+        self.split: HeldOutSplit = split_test(self.raw_labeled, Path(cfg.test) if cfg.test else None,
                                            cfg.test_fraction, max_n)
         self.arms = plan_arms(cfg.methods, cfg.scratch, cfg.n_train, range(cfg.seeds), len(self.split.trainable))
 
@@ -131,6 +132,9 @@ class Benchmark:
         ckpt = folder / "fold_0" / "checkpoint_final.pth"
         info = {"method": method, "results": str(folder), "wall_s": round(time.time() - start, 1), "log": str(log),
                 **_pretraining_losses(ckpt)}
+        quality = folder / "fold_0" / "reconstruction_quality.json"
+        if quality.is_file():
+            info["reconstruction"] = read_json(quality)
         write_json(done, info)
         return info
 
@@ -212,8 +216,19 @@ class Benchmark:
                         failures.append({"step": arm.id, "error": str(e)})
                         logger.error("%s", e)
                 bar.update(1)
+        cka = self.feature_reuse(results, pre) if self.cfg.cka else None
         return write_reports(self.out, results, failures, pre, self.cfg.methods,
-                             len(self.split.trainable), len(self.split.test_labels), self.s)
+                             len(self.split.trainable), len(self.split.test_labels), self.s, cka)
+
+    def feature_reuse(self, results: list[dict], pre: dict) -> list[dict]:
+        from ssl3d.evaluation.report import curve_label
+        from ssl3d.evaluation.similarity import feature_reuse, plot_cka
+
+        rows = feature_reuse(self.out, results, pre, self.labeled, sorted(self.split.test_labels))
+        write_json(self.out / "cka.json", rows)
+        if rows:
+            plot_cka(rows, {r["id"]: curve_label(r, self.cfg.methods) for r in results}, self.out / "cka.png")
+        return rows
 
 
 class BenchmarkStepError(RuntimeError):

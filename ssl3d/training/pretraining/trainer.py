@@ -295,6 +295,40 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
                                     recon[0, 0].float().cpu().numpy(), path,
                                     f"{self.method_name} epoch {self.current_epoch}")
 
+    def on_train_end(self):
+        if self.local_rank == 0 and self.num_val_iterations_per_epoch > 0:
+            quality = self.reconstruction_quality()
+            write_json(os.path.join(self.output_folder, "reconstruction_quality.json"), quality)
+            self.print_to_log_file(
+                f"reconstruction of masked voxels on held-out cases: PSNR {quality['psnr']:.2f} dB, SSIM "
+                f"{quality['ssim']:.3f} (visible-mean baseline: {quality['baseline_psnr']:.2f} dB, "
+                f"{quality['baseline_ssim']:.3f})")
+        super().on_train_end()
+
+    @torch.no_grad()
+    def reconstruction_quality(self, batches: int | None = None) -> dict:
+        """Masked-voxel PSNR/SSIM of the reconstruction on validation batches with fixed masks, next to the
+        baseline that fills every masked voxel with the mean of the sample's visible voxels."""
+        from ssl3d.sparse import upsample_mask
+        from ssl3d.training.recon_metrics import masked_psnr, masked_ssim
+
+        was_training = self.network.training
+        self.network.eval()
+        scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": []}
+        for i in range(batches or self.num_val_iterations_per_epoch):
+            data = next(self.dataloader_val)["data"].to(self.device)
+            visible = self._masks(data, 3, i)
+            recon = self.ssl_method.reconstruct(data, visible).float()
+            masked = ~upsample_mask(visible, data.shape[2:])[:, None]
+            vis_mean = (data * ~masked).sum((2, 3, 4), keepdim=True) / (~masked).sum((2, 3, 4), keepdim=True)
+            baseline = torch.where(masked, vis_mean.expand_as(data), data)
+            for key, pred in (("", recon), ("baseline_", baseline)):
+                scores[f"{key}psnr"].append(masked_psnr(pred, data, masked))
+                scores[f"{key}ssim"].append(masked_ssim(pred, data, masked))
+        self.network.train(was_training)
+        return {k: float(np.nanmean(v)) for k, v in scores.items()} | {"batches": len(scores["psnr"]),
+                                                                       "mask_ratio": self.mask_ratio}
+
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("Pretraining: no segmentation validation (reconstruction loss is logged per epoch).")
 
