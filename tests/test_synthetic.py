@@ -244,3 +244,15 @@ def test_cli_writes_into_nnunet_raw(tmp_path, monkeypatch, capsys, caplog):
     assert "Dataset811_SynthCTPool" in out and "Dataset812_SynthCTOrgans" in out
     assert len(list((tmp_path / "Dataset811_SynthCTPool" / "imagesTr").glob("*.nii.gz"))) == 2
     assert len(list((tmp_path / "Dataset812_SynthCTOrgans" / "labelsTr").glob("*.nii.gz"))) == 1
+
+
+def test_portal_venous_phase_enhances_organs_on_the_same_anatomy():
+    native = make_phantom(_case_rng(3, 1, 0), "tiny")
+    venous = make_phantom(_case_rng(3, 1, 0), "tiny", phase="portal-venous")
+    assert np.array_equal(native.label, venous.label), "same seed, same anatomy in both phases"
+    for organ, (lo, hi) in {"liver": (100, 120), "spleen": (110, 130), "kidney_cortex": (150, 200)}.items():
+        assert lo <= venous.info["hu"][organ] <= hi
+    liver = venous.label == LABELS["liver"]
+    assert np.median(venous.image[liver]) > np.median(native.image[liver]) + 30
+    with pytest.raises(BadInputError, match="contrast phase"):
+        write_demo_datasets("/nonexistent-never-written", n_unlabeled=1, n_labeled=0, phase="arterial")

@@ -107,17 +107,18 @@ def _sample_hu(rng: np.random.Generator, phase: str = "native") -> dict[str, flo
     """Per-case tissue values (HU) within published ranges; vessels and renal cortex contrast-enhanced.
 
     ``portal-venous`` (most public abdominal CT, e.g. BTCV): enhancing parenchyma, liver 100-120, spleen
-    110-130, renal cortex 150-200, aorta 150-250. Its draws come after the native ones, so a seed's geometry
-    is the same in both phases.
+    110-130, renal cortex 150-200, aorta 150-250.
     """
     u = rng.uniform
     hu = {"fat": u(-110, -85), "muscle": u(40, 60), "liver": u(55, 65), "spleen": u(45, 50),
-            "kidney_medulla": u(30, 40), "kidney_cortex": u(120, 170), "aorta": u(170, 250), "ivc": u(140, 200),
-            "cortical": u(700, 1000), "cancellous": u(200, 300), "disc": u(70, 100), "csf": u(0, 15),
-            "rib": u(350, 650), "bowel": u(20, 45), "fluid": u(0, 20), "gas": u(-900, -750)}
+          "kidney_medulla": u(30, 40), "kidney_cortex": u(120, 170), "aorta": u(170, 250), "ivc": u(140, 200),
+          "cortical": u(700, 1000), "cancellous": u(200, 300), "disc": u(70, 100), "csf": u(0, 15),
+          "rib": u(350, 650), "bowel": u(20, 45), "fluid": u(0, 20), "gas": u(-900, -750)}
+    # drawn in both phases so that a seed's anatomy, noise and geometry do not depend on the phase
+    venous = {"liver": u(100, 120), "spleen": u(110, 130), "kidney_cortex": u(150, 200), "kidney_medulla": u(90, 130),
+              "aorta": u(150, 250), "ivc": u(120, 180), "bowel": u(30, 60)}
     if phase == "portal-venous":
-        hu.update({"liver": u(100, 120), "spleen": u(110, 130), "kidney_cortex": u(150, 200),
-                   "kidney_medulla": u(90, 130), "aorta": u(150, 250), "ivc": u(120, 180), "bowel": u(30, 60)})
+        hu.update(venous)
     elif phase != "native":
         raise ValueError(f"unknown contrast phase {phase!r}; choose from {', '.join(PHASES)}")
     return hu
