@@ -60,6 +60,18 @@ def atomic_write(path: str | os.PathLike, write_fn, mode: str = "wb") -> None:
         raise
 
 
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Lay out, write a matplotlib figure as PNG under a temporary name, rename, and always close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def _json_default(o: Any):
     import numpy as np
 

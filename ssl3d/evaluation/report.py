@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ssl3d.evaluation.protocol import SCRATCH, scratch_label
 from ssl3d.evaluation.stats import paired_difference, summarize
-from ssl3d.utils import atomic_write, write_json
+from ssl3d.utils import atomic_write, save_figure, write_json
 
 
 def curve_label(arm: dict, methods: list[str]) -> str:
@@ -88,11 +88,7 @@ def plot(agg: dict, path: Path, title: str) -> None:
                 _line(ax, cur, lambda cell, c=cls: cell["dice"].get(c, {}), None, colors[label])
             _axes(ax, "Dice", curves)
             ax.set_title(cls, fontsize=9)
-        fig.tight_layout()
-        try:
-            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-        finally:
-            plt.close(fig)
+        save_figure(fig, path, dpi=110)
 
 
 def _line(ax, cur: dict, values, label, color) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from ssl3d.architectures.from_plans import build_network_from_plans
 from ssl3d.inference.features import encoder_stage_features, load_encoder
-from ssl3d.utils import read_json
+from ssl3d.utils import read_json, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,6 @@ def plot_cka(rows: list[dict], labels: dict[str, str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ssl3d.utils import atomic_write
-
     groups: dict[tuple[str, int], list[list[float]]] = {}
     for r in rows:
         groups.setdefault((labels.get(r["id"], r["method"]), int(r["n_train"])), []).append(r["cka"])
@@ -128,8 +126,4 @@ def plot_cka(rows: list[dict], labels: dict[str, str], path: Path) -> None:
         ax.set_yticks(range(len(keys)), [f"{m}, {n} labeled" for m, n in keys])
         ax.set_title("linear CKA: pretrained vs fine-tuned encoder")
         fig.colorbar(im, ax=ax, fraction=0.05)
-        fig.tight_layout()
-        try:
-            atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-        finally:
-            plt.close(fig)
+        save_figure(fig, path, dpi=110)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl3d.utils import atomic_write
+from ssl3d.utils import save_figure
 
 
 def save_reconstruction_preview(image: np.ndarray, visible: np.ndarray, reconstruction: np.ndarray,
@@ -43,9 +43,5 @@ def _draw(image, visible, reconstruction, path: Path, title: str, plt) -> Path:
                 ax.set_ylabel(name, fontsize=12)
     if title:
         fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=80)
     return path
