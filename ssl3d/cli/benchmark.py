@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", default=None, help="architecture preset of the methods (tiny, planned/S, ...)")
     g.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
     g.add_argument("--warmup", choices=["linear", "decoder"], default=None)
+    g.add_argument("--optimizer", choices=["auto", "sgd", "adamw"], default=None, help="fine-tuning optimizer")
     p.add_argument("--cka", action="store_true",
                    help="feature reuse: linear CKA per stage between pretrained and fine-tuned encoders (cka.png)")
     p.add_argument("--no-progress", action="store_true")
@@ -73,7 +74,8 @@ def _run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise BadInputError(None, "CUDA is not available; use -device cpu")
     overrides = {k: getattr(args, k) for k in ("pretrain_epochs", "pretrain_iters", "ft_epochs", "ft_iters", "ft_lr",
-                                               "encoder_lr_factor", "size", "patch_size", "warmup")}
+                                               "encoder_lr_factor", "size", "patch_size", "warmup",
+                                               "optimizer")}
     cfg = BenchmarkConfig(pool=args.u, labeled=args.l, methods=list(args.m), output=Path(args.o),
                           scratch=args.scratch, n_train=list(args.n_train), seeds=args.seeds, preset=args.preset,
                           device=args.device, test=Path(args.test) if args.test else None,

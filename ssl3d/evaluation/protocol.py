@@ -17,12 +17,13 @@ SCRATCH = "scratch"
 
 # small: fits 2 CPU cores (tiny networks, short schedules); paper: the real-size setting for a GPU
 PRESETS: dict[str, dict] = {
-    "small": {"size": "tiny", "patch_size": None, "pretrain_epochs": 30, "pretrain_iters": 10, "pretrain_batch": 2,
-              "ft_epochs": 20, "ft_iters": 10, "ft_val_iters": 1, "ft_batch": 2, "tta": False, "ft_lr": None,
-              "encoder_lr_factor": 1.0, "warmup": "linear"},
+    # small: AdamW 1e-3 because nnU-Net's SGD (0.01) barely starts learning a tiny network in a few hundred steps
+    "small": {"size": "tiny", "patch_size": None, "pretrain_epochs": 100, "pretrain_iters": 10, "pretrain_batch": 2,
+              "ft_epochs": 35, "ft_iters": 10, "ft_val_iters": 1, "ft_batch": 2, "tta": False, "ft_lr": 1e-3,
+              "encoder_lr_factor": 1.0, "warmup": "linear", "optimizer": "adamw"},
     "paper": {"size": None, "patch_size": None, "pretrain_epochs": 1000, "pretrain_iters": 250, "pretrain_batch": None,
               "ft_epochs": 1000, "ft_iters": 250, "ft_val_iters": 50, "ft_batch": 2, "tta": True, "ft_lr": None,
-              "encoder_lr_factor": 1.0, "warmup": "linear"},
+              "encoder_lr_factor": 1.0, "warmup": "linear", "optimizer": "auto"},
 }
 
 

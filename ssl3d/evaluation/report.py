@@ -36,8 +36,8 @@ def markdown_table(agg: dict, n_trainable: int, n_test: int, setting: dict) -> s
     head = "| method | " + " | ".join(f"{n} labeled" + (" (all)" if n == n_trainable else "") for n in counts) + " |"
     lines = [f"Mean foreground Dice on {n_test} held-out test case(s), mean ± sd over seeds; below each method the "
              f"paired difference to its scratch baseline (same seeds, same few-shot cases) with a 95 % t "
-             f"interval over seeds. Preset: fine-tuning {setting['ft_epochs']}×{setting['ft_iters']} iterations, "
-             f"pretraining {setting['pretrain_epochs']}×{setting['pretrain_iters']}.", "", head,
+             f"interval over seeds. Fine-tuning: {setting['ft_epochs']}×{setting['ft_iters']} iterations per arm "
+             f"(batch {setting['ft_batch']}); pretraining: see below.", "", head,
              "|---|" + "---|" * len(counts)]
     order = sorted(curves, key=lambda k: (not k.startswith(SCRATCH), k))
     for label in order:
@@ -113,16 +113,22 @@ def _axes(ax, ylabel: str, curves: dict) -> None:
     ax.grid(alpha=0.3)
 
 
+def _num(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
 def pretraining_table(pretraining: dict) -> str:
     rows = ["| method | wall time | train loss first → last | val loss | masked PSNR (baseline) | masked SSIM (baseline) |",
             "|---|---|---|---|---|---|"]
     for m, p in sorted(pretraining.items()):
+        if p.get("given"):
+            rows.append(f"| {m} | given: {p['results']} | | | | |")
+            continue
         r = p.get("reconstruction", {})
-        f = (lambda v, d=2: "–" if v is None else f"{v:.{d}f}")
-        rows.append(f"| {m} | {f(p.get('wall_s'), 0)} s | {f(p.get('first_train_loss'), 3)} → "
-                    f"{f(p.get('final_train_loss'), 3)} | {f(p.get('final_val_loss'), 3)} | "
-                    f"{f(r.get('psnr'))} dB ({f(r.get('baseline_psnr'))}) | {f(r.get('ssim'), 3)} "
-                    f"({f(r.get('baseline_ssim'), 3)}) |")
+        rows.append(f"| {m} | {_num(p.get('wall_s'), 0)} s | {_num(p.get('first_train_loss'), 3)} → "
+                    f"{_num(p.get('final_train_loss'), 3)} | {_num(p.get('final_val_loss'), 3)} | "
+                    f"{_num(r.get('psnr'))} dB ({_num(r.get('baseline_psnr'))}) | {_num(r.get('ssim'), 3)} "
+                    f"({_num(r.get('baseline_ssim'), 3)}) |")
     return "\n".join(rows) + "\n"
 
 

@@ -108,7 +108,11 @@ class Benchmark:
         if done.is_file():
             return read_json(done)
         if method in self.cfg.pretrained:
-            info = {"method": method, "results": str(Path(self.cfg.pretrained[method]).resolve()), "given": True}
+            given = Path(self.cfg.pretrained[method]).resolve()
+            info = {"method": method, "results": str(given), "given": True}
+            quality = given / "fold_0" / "reconstruction_quality.json"
+            if quality.is_file():
+                info["reconstruction"] = read_json(quality)
             write_json(done, info)
             return info
         res_root = self.out / "pretraining" / "nnUNet_results"
@@ -152,7 +156,7 @@ class Benchmark:
                "--epochs", str(s["ft_epochs"]), "--iters", str(s["ft_iters"]), "--val-iters", str(s["ft_val_iters"]),
                "--batch-size", str(s["ft_batch"]), "--seed", str(arm.seed), "--no-final-val",
                "-np", str(self.cfg.num_processes), "--warmup", s["warmup"],
-               "--encoder-lr-factor", str(s["encoder_lr_factor"])]
+               "--encoder-lr-factor", str(s["encoder_lr_factor"]), "--optimizer", s.get("optimizer", "auto")]
         cmd += [] if arm.n_label == "all" else ["--n-train", str(arm.n_train)]
         cmd += ["--scratch"] if arm.scratch else []
         cmd += ["--lr", str(s["ft_lr"])] if s["ft_lr"] else []
