@@ -84,7 +84,8 @@ def _run(args: argparse.Namespace) -> int:
     if not args.scratch:
         n_classes = len(read_json(raw_dj)["labels"])
         weights = target / f"{plans_name}__pretrained_weights.pth"
-        write_downstream_weights(method, info, folder, ckpt, weights, n_classes)
+        write_downstream_weights(method, info, folder, ckpt, weights, n_classes,
+                                 DEFAULT_SEED if args.seed is None else args.seed)
         cmd += ["-pretrained_weights", str(weights)]
     # nnU-Net's final validation otherwise spawns 8 export workers whatever the machine has
     return run_nnunet(cmd, {"nnUNet_def_n_proc": str(args.np)}, dry_run=args.prepare_only)

@@ -15,7 +15,8 @@ import torch
 
 from ssl3d.architectures.from_plans import build_network_from_plans
 from ssl3d.training.methods import SSLMethod, build_method, get_method_spec
-from ssl3d.utils import BadInputError, atomic_write, read_json
+from ssl3d.training.seeding import derive_seed
+from ssl3d.utils import DEFAULT_SEED, BadInputError, atomic_write, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -90,19 +91,24 @@ def transfer_encoder(network: torch.nn.Module, encoder_state: dict[str, torch.Te
 
 
 def export_weights(results: str | os.PathLike, output: str | os.PathLike, num_classes: int = 2,
-                   fold: str = "0") -> dict:
+                   fold: str = "0", seed: int = DEFAULT_SEED) -> dict:
     """Write ``{'network_weights': full downstream state_dict}`` (CPU tensors). Returns a summary."""
     folder, ckpt = find_pretraining(results, fold)
     method, plans, info = load_pretrained_method(folder, ckpt)
-    return {**write_downstream_weights(method, info, folder, ckpt, output, num_classes), "plans": plans}
+    return {**write_downstream_weights(method, info, folder, ckpt, output, num_classes, seed), "plans": plans}
 
 
 def write_downstream_weights(method: SSLMethod, info: dict, folder: Path, ckpt: Path,
-                             output: str | os.PathLike, num_classes: int) -> dict:
-    """The downstream network with ``method``'s pretrained encoder (from ``load_pretrained_method``), saved."""
+                             output: str | os.PathLike, num_classes: int, seed: int = DEFAULT_SEED) -> dict:
+    """The downstream network with ``method``'s pretrained encoder (from ``load_pretrained_method``), saved.
+
+    nnU-Net loads every non-head key from this file, so the decoder's initialisation is decided here: it is
+    drawn from ``seed`` (a fine-tuning run with the same seed starts from the same weights)."""
     arch = method.downstream_architecture()
     n_channels = len(read_json(folder / "dataset.json")["channel_names"])
-    net = build_network_from_plans(arch, n_channels, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "downstream-init"))
+        net = build_network_from_plans(arch, n_channels, num_classes)
     try:
         copied = transfer_encoder(net, method.downstream_state_dict())
     except EncoderMismatchError as e:
