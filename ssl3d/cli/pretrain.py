@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ssl3d.cli.common import run_cli
 from ssl3d.training.methods import available_methods
-from ssl3d.utils import DEFAULT_SEED, BadInputError, env_dir, read_json
+from ssl3d.utils import DEFAULT_SEED, BadInputError, read_json
 
 logger = logging.getLogger("ssl3d")
 
@@ -59,18 +59,9 @@ def _prepare_pool(args: argparse.Namespace) -> Path:
         return res.dataset_dir
     if not args.d:
         raise SystemExit("ssl_pretrain: error: give -d DATASET (preprocessed) or -i FOLDER (raw)")
-    root = env_dir("nnUNet_preprocessed")
-    if root is None:
-        raise BadInputError(None, "nnUNet_preprocessed is not set")
-    name = args.d
-    if str(name).isdigit():
-        hits = sorted(root.glob(f"Dataset{int(name):03d}_*")) if root.is_dir() else []
-        if not hits:
-            raise BadInputError(root, f"no preprocessed dataset with id {name} (run ssl_plan_and_preprocess first)")
-        return hits[0]
-    if not (root / name).is_dir():
-        raise BadInputError(root / name, "preprocessed dataset not found (run ssl_plan_and_preprocess first)")
-    return root / name
+    from ssl3d.preprocessing.pipeline import find_preprocessed_dataset
+
+    return find_preprocessed_dataset(args.d)
 
 
 def _maybe_init_distributed(device: str) -> None:

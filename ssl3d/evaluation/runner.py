@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ssl3d.evaluation.protocol import PRESETS, Arm, HeldOutSplit, arm_record, plan_arms, split_test, training_cases
 from ssl3d.evaluation.report import write_reports
 from ssl3d.inference.nnunet_bridge import nnunet_dataset_name, run_nnunet
+from ssl3d.preprocessing.pipeline import find_preprocessed_dataset
 from ssl3d.training.methods import get_method_spec
 from ssl3d.utils import BadInputError, env_dir, read_json, write_json
 
@@ -62,7 +63,9 @@ class Benchmark:
             get_method_spec(m)  # unknown methods fail before anything runs
         self.labeled = nnunet_dataset_name(cfg.labeled)
         self.raw_labeled = raw / self.labeled
-        self.pool_dir = self._find_pool(pre, cfg.pool)
+        self.pool_dir = find_preprocessed_dataset(cfg.pool, pre)
+        if not (self.pool_dir / "ssl3dPlans.json").is_file():
+            raise BadInputError(self.pool_dir, "no ssl3d plans here (run ssl_plan_and_preprocess)")
         self.pre_root = self.out / "nnUNet_preprocessed"
         self.env = {"nnUNet_preprocessed": str(self.pre_root), "nnUNet_raw": str(raw),
                     "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "1"), "nnUNet_compile": "false"}
@@ -70,13 +73,6 @@ class Benchmark:
         self.split: HeldOutSplit = split_test(self.raw_labeled, Path(cfg.test) if cfg.test else None,
                                            cfg.test_fraction, max_n)
         self.arms = plan_arms(cfg.methods, cfg.scratch, cfg.n_train, range(cfg.seeds), len(self.split.trainable))
-
-    @staticmethod
-    def _find_pool(pre: Path, pool: str) -> Path:
-        hits = sorted(pre.glob(f"Dataset{int(pool):03d}_*")) if str(pool).isdigit() else [pre / pool]
-        if not hits or not (hits[0] / "ssl3dPlans.json").is_file():
-            raise BadInputError(pre / str(pool), "no ssl3d-preprocessed pool here (run ssl_plan_and_preprocess)")
-        return hits[0]
 
     # ---- set-up ------------------------------------------------------------------------------------------
     def prepare(self) -> None:

@@ -155,3 +155,18 @@ def plan_and_preprocess(options: PlanOptions) -> PoolResult:
         if problems:
             raise RuntimeError("verification failed:\n" + "\n".join(f"{data_dir / k}: {v}" for k, v in problems.items()))
     return PoolResult(out, plans_file, data_dir, ids, bad, now, finished)
+
+
+def find_preprocessed_dataset(dataset: str | int, root: Path | None = None) -> Path:
+    """``$nnUNet_preprocessed/DatasetXXX_Name`` for an id or a name (what ``ssl_plan_and_preprocess`` wrote)."""
+    root = root if root is not None else env_dir("nnUNet_preprocessed")
+    if root is None:
+        raise BadInputError(None, "nnUNet_preprocessed is not set")
+    if str(dataset).isdigit():
+        hits = sorted(root.glob(f"Dataset{int(dataset):03d}_*")) if root.is_dir() else []
+        if not hits:
+            raise BadInputError(root, f"no preprocessed dataset with id {dataset} (run ssl_plan_and_preprocess first)")
+        return hits[0]
+    if not (root / str(dataset)).is_dir():
+        raise BadInputError(root / str(dataset), "preprocessed dataset not found (run ssl_plan_and_preprocess first)")
+    return root / str(dataset)
