@@ -132,14 +132,17 @@ def pretraining_table(pretraining: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _cell_summary(cell: dict) -> dict:
+    s = summarize(list(cell["mean_dice"].values()))
+    return {"mean": s.mean, "sd": s.sd, "seeds": len(cell["mean_dice"])}
+
+
 def write_reports(out: Path, results: list[dict], failures: list[dict], pretraining: dict, methods: list[str],
                   n_trainable: int, n_test: int, setting: dict, cka: list[dict] | None = None) -> dict:
     agg = aggregate(results, list(methods))
     summary = {"arms": sorted(results, key=lambda r: r["id"]), "failures": failures, "pretraining": pretraining,
                "n_trainable": n_trainable, "n_test": n_test, "setting": setting,
-               "summary": {label: {str(n): {"mean": summarize(list(c["mean_dice"].values())).mean,
-                                            "sd": summarize(list(c["mean_dice"].values())).sd,
-                                            "seeds": len(c["mean_dice"])} for n, c in cur.items()}
+               "summary": {label: {str(n): _cell_summary(c) for n, c in cur.items()}
                            for label, cur in agg["curves"].items()}}
     if cka is not None:
         summary["cka"] = cka
