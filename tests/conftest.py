@@ -57,6 +57,13 @@ def make_raw_dataset(root, dataset_id=801, name="Test", n=3, n_channels=1, spaci
     return folder
 
 
+def subprocess_env(raw, preprocessed, results, n_proc_da: str = "0") -> dict:
+    """The environment for ssl3d / nnU-Net commands run as subprocesses: these nnU-Net folders, a fixed number of
+    augmentation workers and one thread per process (tests share 2 cores)."""
+    return dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(preprocessed), nnUNet_results=str(results),
+                nnUNet_n_proc_DA=n_proc_da, OMP_NUM_THREADS="1")
+
+
 @pytest.fixture
 def nnunet_env(tmp_path, monkeypatch):
     """Isolated nnUNet_raw / nnUNet_preprocessed / nnUNet_results folders."""

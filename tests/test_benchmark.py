@@ -2,12 +2,12 @@
 test set no arm trains on, and a tiny end-to-end run with its three outputs and resume."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 from ssl3d.evaluation.protocol import Arm, HeldOutSplit, plan_arms, split_test, training_cases
 from ssl3d.evaluation.stats import paired_difference, summarize
@@ -111,8 +111,7 @@ def test_held_out_test_set_is_fixed_and_disjoint(tmp_path):
 @pytest.fixture(scope="module")
 def bench_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
-               nnUNet_results=str(root / "res"), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+    env = subprocess_env(root / "raw", root / "pre", root / "res")
     for cmd in (["ssl_make_demo_data", "-o", str(root / "raw"), "--size", "tiny", "-nu", "3", "-nl", "4",
                  "--no-progress"],
                 ["ssl_plan_and_preprocess", "-d", "801", "-np", "1", "--no-progress", "--patch-size", "16", "32", "32"]):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ct_volume, write_image
+from conftest import ct_volume, subprocess_env, write_image
 from ssl3d.cli.extract_features import main
 from ssl3d.inference.features import (Encoder, discover_images, embed_image, encoder_stage_features,
                                       extract_features)
@@ -24,8 +24,7 @@ BIN = Path(sys.executable).parent
 def spark_results(tiny_pool, tmp_path_factory):
     """One tiny SparK pretraining on the shared pool (patch 16x32x32 at 2x1x1 mm)."""
     res = tmp_path_factory.mktemp("feat_results")
-    env = dict(os.environ, nnUNet_preprocessed=str(tiny_pool.dataset_dir.parent), nnUNet_results=str(res),
-               nnUNet_raw=str(res / "raw"), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+    env = subprocess_env(res / "raw", tiny_pool.dataset_dir.parent, res)
     r = subprocess.run([str(BIN / "ssl_pretrain"), "-d", tiny_pool.dataset_dir.name, "-m", "spark", "-device", "cpu",
                         "--size", "tiny", "--epochs", "1", "--iters", "2", "--val-iters", "1", "--batch-size", "2",
                         "--no-progress", "--preview-every", "0"], env=env, capture_output=True, text=True, timeout=600)

@@ -1,11 +1,11 @@
 """Fine-tuning with stock nnU-Net: exported weights, ssl_finetune, stock predict, mismatches, few-shot, MedContext."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 import SimpleITK as sitk
 import torch
 
@@ -27,8 +27,7 @@ def sh(args, env, timeout=900):
 def pretrained(tmp_path_factory):
     """Tiny demo data -> pool -> 1-epoch tiny SparK pretraining -> ssl_finetune --prepare-only on Dataset802."""
     root = tmp_path_factory.mktemp("ft")
-    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
-               nnUNet_results=str(root / "res"), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+    env = subprocess_env(root / "raw", root / "pre", root / "res")
     for k in ("pre", "res"):
         (root / k).mkdir()
     sh(["ssl_make_demo_data", "-o", str(root / "raw"), "--size", "tiny", "-nu", "4", "-nl", "5", "--no-progress"], env)

@@ -1,7 +1,6 @@
 """MedContextTrainer pieces: options, tube/cell masks, token substitution, EMA schedule, consistency term, and a
 two-rank gloo DDP run that keeps student, teacher and mask token identical across ranks."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_raw_dataset
+from conftest import make_raw_dataset, subprocess_env
 from ssl3d.training.finetuning.medcontext import (MaskedStudent, MedContextOptions, apply_mask, cell_grid,
                                                   draw_visible, ema_momentum, mask_cells, relative_consistency,
                                                   step_generator)
@@ -123,8 +122,7 @@ def test_masked_student_state_dict_is_the_plain_networks():
 def tiny_labeled(tmp_path_factory):
     """3 labeled cases, nnU-Net planned and preprocessed, plans shrunk to a tiny U-Net and a 16×32×32 patch."""
     root = tmp_path_factory.mktemp("medcontext")
-    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
-               nnUNet_results=str(root / "res"), nnUNet_n_proc_DA="1", OMP_NUM_THREADS="1")
+    env = subprocess_env(root / "raw", root / "pre", root / "res", n_proc_da="1")
     for k in ("pre", "res"):
         (root / k).mkdir()
     make_raw_dataset(root / "raw", 803, "MedCtx", n=3, labels=True)

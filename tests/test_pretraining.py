@@ -1,6 +1,5 @@
 """Pretraining: learning happens, masks are exact, masked input never leaks, resume, DDP on gloo, raw-folder entry."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import blob_batch, ct_volume, write_image
+from conftest import blob_batch, ct_volume, subprocess_env, write_image
 from ssl3d.training.methods import build_method, method_specs
 
 BIN = Path(sys.executable).parent
@@ -103,8 +102,7 @@ def _pretrain(pool, method, extra, env):
 
 @pytest.fixture
 def results_env(tiny_pool, tmp_path):
-    return dict(os.environ, nnUNet_preprocessed=str(tiny_pool.dataset_dir.parent), nnUNet_results=str(tmp_path),
-                nnUNet_raw=str(tmp_path / "raw"), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+    return subprocess_env(tmp_path / "raw", tiny_pool.dataset_dir.parent, tmp_path)
 
 
 def test_resume_continues_from_saved_epoch(tiny_pool, results_env, tmp_path):
@@ -141,8 +139,7 @@ def test_ddp_gloo_two_ranks_keep_parameters_identical(tiny_pool, results_env, tm
 def test_pretrain_from_raw_folder(tmp_path):
     for i in range(3):
         write_image(tmp_path / "raw scans" / f"s{i}.nii.gz", ct_volume(i, (16, 40, 40)), spacing=(1.0, 1.0, 2.0))
-    env = dict(os.environ, nnUNet_preprocessed=str(tmp_path / "pre"), nnUNet_results=str(tmp_path / "res"),
-               nnUNet_raw=str(tmp_path / "raw"), nnUNet_n_proc_DA="0", OMP_NUM_THREADS="1")
+    env = subprocess_env(tmp_path / "raw", tmp_path / "pre", tmp_path / "res")
     args = [str(BIN / "ssl_pretrain"), "-i", str(tmp_path / "raw scans"), "-m", "mae", "-device", "cpu",
             "--size", "tiny", "--epochs", "1", "--iters", "2", "--val-iters", "1", "--batch-size", "2",
             "--no-progress", "-np", "1", "--preview-every", "0"]
