@@ -13,6 +13,7 @@ setup(
         "SimpleITK>=2.2",
         "batchgenerators>=0.25",
         "dynamic-network-architectures>=0.3",
+        "monai>=1.4",
         "triton; platform_system=='Linux'",
         "scipy",
         "numpy",

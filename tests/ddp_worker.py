@@ -9,7 +9,9 @@ from ssl3d.cli.pretrain import build_parser, make_trainer
 
 
 def flat_params(trainer) -> torch.Tensor:
-    return torch.cat([p.detach().float().flatten().clone() for p in trainer.ssl_method.parameters()])
+    """Every parameter and floating buffer (EMA teachers, DINO centers, mask tokens included)."""
+    state = trainer.ssl_method.state_dict()
+    return torch.cat([v.detach().float().flatten().clone() for v in state.values() if v.is_floating_point()])
 
 
 if __name__ == "__main__":

@@ -179,11 +179,11 @@ def test_every_method_has_a_downstream_network_taking_its_encoder(method):
     assert transfer_encoder(net, m.downstream_state_dict()) > 0
     sd = net.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in m.downstream_state_dict().items())
-    x = torch.randn(1, 1, 16, 32, 32)
+    x = torch.randn(1, 1, *m.patch_size)
     with torch.no_grad():
         out = net(x)
     out = out[0] if isinstance(out, (list, tuple)) else out
-    assert out.shape == (1, 3, 16, 32, 32)
+    assert out.shape == (1, 3, *m.patch_size)
 
 
 def test_few_shot_never_touches_validation_cases():

@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
         "encoder_lr_factor": args.encoder_lr_factor, "optimizer": args.optimizer, "n_train": args.n_train,
         "fraction": args.fraction, "seed": args.seed, "final_validation": not args.no_final_val, "batch_size": args.batch_size,
         "pretrained_from": str(ckpt), "method": info["name"]}.items() if v is not None}
-    plans = finetune_plans(pplans, method.downstream_architecture(), dataset, plans_name, options)
+    plans = finetune_plans(pplans, method.downstream_architecture(), dataset, plans_name, options, method.patch_size)
 
     target = pre_root / dataset
     if not (target / "dataset_fingerprint.json").is_file():

@@ -102,7 +102,6 @@ def make_trainer(args: argparse.Namespace):
     if args.mask_ratio is not None:
         if not 0 < args.mask_ratio < 1:
             raise SystemExit("ssl_pretrain: error: --mask-ratio must be in (0, 1)")
-        config["ssl3d"]["mask_ratio"] = args.mask_ratio
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("ssl_pretrain: error: CUDA is not available; use -device cpu")
     _maybe_init_distributed(args.device)
@@ -114,6 +113,8 @@ def make_trainer(args: argparse.Namespace):
                       ("save_every", "save_every"), ("preview_every", "preview_every"), ("seed", "seed")):
         if getattr(args, opt) is not None:
             setattr(trainer, attr, getattr(args, opt))
+    if args.mask_ratio is not None:
+        trainer.mask_ratio = args.mask_ratio  # over the method's paper ratio and the plans' default
     trainer.sparse_backend = args.backend
     trainer.show_progress = not args.no_progress
     kwargs = json.loads(args.method_kwargs) if args.method_kwargs else {}

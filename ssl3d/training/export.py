@@ -71,12 +71,14 @@ def load_pretrained_method(folder: Path, checkpoint: Path) -> tuple[SSLMethod, d
 
 def transfer_encoder(network: torch.nn.Module, encoder_state: dict[str, torch.Tensor]) -> int:
     """Copy pretrained encoder weights into ``network``; every key must exist with the same shape and every
-    ``encoder.*`` key of the network must be covered. Returns the number of tensors copied."""
+    network key under the pretrained top-level modules (``encoder.*``, ``swinViT.*``) must be covered.
+    Returns the number of tensors copied."""
     target = network.state_dict()
     missing = [k for k in encoder_state if k not in target]
     wrong = [f"{k}: pretrained {tuple(v.shape)} vs network {tuple(target[k].shape)}"
              for k, v in encoder_state.items() if k in target and target[k].shape != v.shape]
-    uncovered = [k for k in target if k.startswith("encoder.") and k not in encoder_state]
+    roots = {k.split(".", 1)[0] for k in encoder_state} or {"encoder"}
+    uncovered = [k for k in target if k.split(".", 1)[0] in roots and k not in encoder_state]
     if missing or wrong or uncovered or not encoder_state:
         detail = "; ".join(filter(None, [
             f"{len(missing)} pretrained keys absent from the network (e.g. {missing[:2]})" if missing else "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ssl3d.architectures.vit import patchify
 
@@ -37,3 +38,17 @@ def denormalize_prediction(pred: torch.Tensor, image: torch.Tensor, cell: Sequen
     """Map per-cell normalized predictions ``(B, N, P)`` back to image intensities using the image's cell stats."""
     _, mean, std = normalize_patches(patchify(image, cell).float())
     return pred.float() * std + mean
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
+             temperature: float = 0.1) -> tuple[torch.Tensor, float]:
+    """InfoNCE over cosine similarities: query i's positive is ``keys[targets[i]]``, every other key is a
+    negative. Returns the mean loss and the top-1 accuracy (a learning/collapse diagnostic)."""
+    logits = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T / temperature
+    acc = float((logits.detach().argmax(-1) == targets).float().mean())
+    return F.cross_entropy(logits, targets), acc
+
+
+def negative_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression loss 2 − 2·cos(p, z), averaged (pass ``target`` detached for a stop-gradient)."""
+    return (2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1)).mean()

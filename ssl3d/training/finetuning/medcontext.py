@@ -16,8 +16,6 @@ three ints, default 16 like the paper's tokens, clipped to the patch) and ``medc
 """
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +29,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from ssl3d.layers import Triple
 from ssl3d.sparse.masks import random_cell_mask, upsample_mask
 from ssl3d.training.checkpoints import CheckpointExtrasMixin
+from ssl3d.training.distillation import ema_momentum, ema_update, frozen_copy
 from ssl3d.training.finetuning.trainer import SSLFinetuneTrainer
 from ssl3d.training.optim import optimizer_step
 from ssl3d.training.seeding import derive_seed, seed_everything
@@ -60,12 +59,6 @@ class MedContextOptions:
         if opts.tube_axis not in (None, 0, 1, 2):
             raise ValueError(f"medcontext_tube_axis must be None, 0, 1 or 2, got {opts.tube_axis}")
         return opts
-
-
-def ema_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
-    """Cosine schedule from ``base`` at step 0 to 1 at ``total_steps`` (clamped beyond)."""
-    t = min(max(step, 0), total_steps) / max(1, total_steps)
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * t) + 1.0) / 2.0
 
 
 def relative_consistency(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -205,20 +198,12 @@ class MedContextTrainer(CheckpointExtrasMixin, SSLFinetuneTrainer):
         return self.num_epochs * self.num_iterations_per_epoch
 
     def _make_teacher(self) -> nn.Module:
-        teacher = copy.deepcopy(self._network_module()).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return teacher
+        return frozen_copy(self._network_module()).eval()
 
-    @torch.no_grad()
     def update_teacher(self) -> float:
         """EMA after the optimizer step; the student is identical on every rank, so is the teacher."""
         m = ema_momentum(self.global_step, self.total_steps, self.opts.momentum)
-        student = self._network_module()
-        for t, s in zip(self.teacher.parameters(), student.parameters()):
-            t.mul_(m).add_(s.detach(), alpha=1.0 - m)
-        for t, s in zip(self.teacher.buffers(), student.buffers()):
-            t.copy_(s)
+        ema_update(self.teacher, self._network_module(), m)
         return m
 
     def on_train_start(self):

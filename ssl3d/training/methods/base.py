@@ -2,8 +2,14 @@
 
 A method is an ``nn.Module`` that owns its encoder, decoder and loss; ``registry`` declares it by name. The trainer draws the mask (boolean,
 True = visible, one grid per sample) with :meth:`SSLMethod.random_mask` and passes it explicitly to
-``forward(x, visible) -> loss``; nothing is kept in globals. ``reconstruct`` gives image-space predictions
-for previews, ``downstream_state_dict`` the encoder weights under the downstream network's key names.
+``forward(x, visible, generator) -> loss``; nothing is kept in globals. Methods that draw more randomness
+(second views, nested crops, masks of other levels) draw it from ``generator`` (seeded per step by the
+trainer, so runs and resumes are reproducible). ``x`` is a crop of ``data_patch_size`` (the network's
+``patch_size`` unless a method samples views from a larger region); ``input_view`` is the deterministic view
+of such a crop that ``reconstruct`` works on. ``set_progress`` / ``after_optimizer_step`` serve schedules and
+EMA teachers; ``stats`` holds detached diagnostics of the last forward (collapse guards). ``reconstruct``
+gives image-space predictions for previews, ``downstream_state_dict`` the encoder weights under the
+downstream network's key names.
 """
 from __future__ import annotations
 
@@ -27,6 +33,20 @@ class SSLMethod(nn.Module):
         for p, c in zip(self.patch_size, self.cell_size):
             if p % c:
                 raise ValueError(f"patch size {self.patch_size} is not divisible by the mask cell {self.cell_size}")
+        self.data_patch_size = self.patch_size
+        self.step, self.total_steps = 0, 1
+        self.stats: dict[str, float] = {}
+
+    def input_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The network-input view of a ``data_patch_size`` crop (identity when both sizes agree)."""
+        return x
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Global step and schedule length, set by the trainer before every training step."""
+        self.step, self.total_steps = int(step), max(1, int(total_steps))
+
+    def after_optimizer_step(self) -> None:
+        """EMA teachers update here; runs after the optimizer step, identically on every rank."""
 
     def mask_grid(self, spatial_shape: Sequence[int] | None = None) -> tuple[int, int, int]:
         shape = self.patch_size if spatial_shape is None else tuple(spatial_shape)
@@ -38,7 +58,8 @@ class SSLMethod(nn.Module):
         """``(B, gz, gy, gx)`` bool, True = visible, exactly round(ratio * cells) masked per sample."""
         return random_cell_mask(batch, self.mask_grid(spatial_shape), ratio, generator, device)
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def forward(self, x: torch.Tensor, visible: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @torch.no_grad()

@@ -64,7 +64,7 @@ class DensifyDecoderMethod(SSLMethod):
     def _predict(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.densify(self.encode(x, visible), visible))
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, visible: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return masked_cell_mse(self._predict(x, visible), x, visible, self.cell_size)
 
     @torch.no_grad()

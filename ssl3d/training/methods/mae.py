@@ -50,7 +50,7 @@ class MAE3d(SSLMethod):
         dec = dec + sincos_position_embedding(grid, dec.shape[-1], dec.device).to(dec.dtype)
         return self.head(self.decoder(dec))  # (B, N, P*C)
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, visible: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return masked_patch_mse(self._predict(x, visible), patchify(x, self.cell_size), visible)
 
     @torch.no_grad()

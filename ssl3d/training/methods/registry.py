@@ -50,6 +50,7 @@ class MethodSpec:
     transformer: bool = False  # downstream encoder is a transformer (fine-tuning defaults to AdamW)
     single_output: bool = False  # downstream network has no multi-scale outputs (deep supervision off)
     optim: OptimDefaults = field(default_factory=OptimDefaults)
+    mask_ratio: float | None = None  # the paper's ratio (None: the plans' mask_ratio)
     tiny: dict[str, Any] = field(default_factory=dict)  # kwargs of a tiny configuration (tests, CPU demos)
 
     def build(self, plans: dict, configuration: dict, num_input_channels: int, **kwargs) -> SSLMethod:

@@ -38,6 +38,8 @@ from ssl3d.training.pretraining.previews import save_reconstruction_preview
 from ssl3d.training.seeding import derive_seed, seed_everything, worker_seeds
 from ssl3d.utils import DEFAULT_SEED, unwrap_network, write_json
 
+COLLAPSE_STD = 1e-3  # per-dimension std of L2-normalized embeddings; ~1/sqrt(dim) when spread, 0 when collapsed
+
 
 class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
     """Runs the registered method ``method_name``; options are attributes set after construction (nnU-Net
@@ -55,7 +57,8 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
             self.grad_scaler = None
         optim = self.method_spec.optim
         ssl = self.configuration_manager.configuration.get("ssl3d", {})
-        self.mask_ratio = float(ssl.get("mask_ratio", 0.75))
+        # the method's paper ratio (MiM 60 %, SMIT 70 %) unless it has none; ssl_pretrain --mask-ratio overrides
+        self.mask_ratio = float(self.method_spec.mask_ratio or ssl.get("mask_ratio", 0.75))
         self.method_kwargs: dict = {}
         self.sparse_backend = "auto"
         self.weight_decay = optim.weight_decay
@@ -74,6 +77,7 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
         self.global_step = 0
         self.show_progress = True
         self.best_val_loss: float | None = None
+        self.epoch_stats: dict[str, float] = {}
         self.initial_lr = None  # -> the method's default for the global batch size in configure_optimizers
         self._bar = None
 
@@ -143,7 +147,7 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
     def get_dataloaders(self):
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        patch = self.configuration_manager.patch_size
+        patch = self.ssl_method.data_patch_size  # the planned patch, or the larger region a method takes views from
         tr_keys, val_keys = self.do_split()
         ds_tr = self.dataset_class(self.preprocessed_dataset_folder, tr_keys)
         ds_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys)
@@ -163,10 +167,14 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
                 NonDetMultiThreadedAugmenter(dl_val, None, n_val, max(3, n_proc // 4),
                                              worker_seeds(self.seed, self.local_rank, "val", n_val), pin, 0.002))
 
-    def _masks(self, data: torch.Tensor, stream: int, index: int) -> torch.Tensor:
+    def _generator(self, stream: int, index: int) -> torch.Generator:
         """Seeded per (stream, step, rank): resumable, different on every rank, fixed for validation."""
-        g = torch.Generator().manual_seed(derive_seed(self.seed, stream, index, self.local_rank))
-        return self.ssl_method.random_mask(data.shape[0], self.mask_ratio, g, data.device, data.shape[2:])
+        return torch.Generator().manual_seed(derive_seed(self.seed, stream, index, self.local_rank))
+
+    def _masks(self, data: torch.Tensor, stream: int, index: int) -> torch.Tensor:
+        """Masks on the network-input grid (the method's ``patch_size``)."""
+        return self.ssl_method.random_mask(data.shape[0], self.mask_ratio, self._generator(stream, index),
+                                           data.device)
 
     # ---- hooks ---------------------------------------------------------------------------------------------
     def on_train_start(self):
@@ -202,16 +210,21 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
         """Everything the optimizer steps (clipped together)."""
         return self.network.parameters()
 
-    def compute_loss(self, data: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """One training loss; methods with their own pretrainer (teachers, two views) override this."""
-        return self.network(data, visible)
+    def compute_loss(self, data: torch.Tensor, visible: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One training loss; ``generator`` serves the method's other random draws (views, nested crops)."""
+        return self.network(data, visible, generator=generator)
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_epochs * self.num_iterations_per_epoch
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         visible = self._masks(data, 0, self.global_step)
+        self.ssl_method.set_progress(self.global_step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss = self.compute_loss(data, visible)
+            loss = self.compute_loss(data, visible, self._generator(4, self.global_step))
         optimizer_step(loss, self.optimizer, self.trained_parameters(), self.grad_clip, self.grad_scaler)
         self.after_optimizer_step()
         self.global_step += 1
@@ -220,16 +233,32 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{float(value):.4f}")
-        return {"loss": value}
+        return {"loss": value, **self.ssl_method.stats}
 
     def after_optimizer_step(self) -> None:
-        """Hook for EMA teachers and the like (runs identically on every rank after the step)."""
+        """EMA teachers and the like (runs identically on every rank after the step)."""
+        self.ssl_method.after_optimizer_step()
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        super().on_train_epoch_end(train_outputs)
+        self.log_method_stats(train_outputs)
+        super().on_train_epoch_end([{"loss": o["loss"]} for o in train_outputs])
+
+    def log_method_stats(self, train_outputs: list[dict]) -> None:
+        """Epoch means of the method's diagnostics (e.g. embedding std, teacher entropy) into the text log, with a
+        warning when embeddings collapse (all equal: per-dimension std ~ 0)."""
+        keys = sorted({k for o in train_outputs for k in o if k != "loss"})
+        if not keys:
+            return
+        means = {k: float(np.mean([o[k] for o in train_outputs if k in o])) for k in keys}
+        self.epoch_stats = means
+        self.print_to_log_file("method stats: " + ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
+        collapsed = [k for k, v in means.items() if k.endswith("embedding_std") and v < COLLAPSE_STD]
+        if collapsed:
+            self.print_to_log_file(f"WARNING: representation collapse suspected ({', '.join(collapsed)} < "
+                                   f"{COLLAPSE_STD})")
 
     def on_validation_epoch_start(self):
         self.network.eval()
@@ -238,9 +267,10 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
     def validation_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         visible = self._masks(data, 1, self._val_index)
+        g = self._generator(5, self._val_index)
         self._val_index += 1
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss = self.network(data, visible)
+            loss = self.network(data, visible, generator=g)
         return {"loss": loss.detach().cpu().numpy()}
 
     def on_validation_epoch_end(self, val_outputs: list[dict]):
@@ -284,7 +314,7 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
         from ssl3d.sparse import upsample_mask
 
         batch = next(self.dataloader_val)
-        data = batch["data"][:1].to(self.device)
+        data = self.ssl_method.input_view(batch["data"][:1].to(self.device))
         visible = self._masks(data, 2, self.current_epoch)
         was_training = self.network.training
         self.network.eval()
@@ -316,7 +346,7 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
         self.network.eval()
         scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": []}
         for i in range(batches or self.num_val_iterations_per_epoch):
-            data = next(self.dataloader_val)["data"].to(self.device)
+            data = self.ssl_method.input_view(next(self.dataloader_val)["data"].to(self.device))
             visible = self._masks(data, 3, i)
             recon = self.ssl_method.reconstruct(data, visible).float()
             masked = ~upsample_mask(visible, data.shape[2:])[:, None]
