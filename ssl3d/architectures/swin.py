@@ -42,9 +42,16 @@ def swin_arch_kwargs(size: str = "S") -> dict:
 
 
 def swin_patch_size(patch_size: Sequence[int], multiple: int = 32) -> list[int]:
-    """Each axis to the nearest multiple of ``multiple`` (ties and anything smaller go up; at least one multiple)."""
+    """Each axis to the nearest multiple of ``multiple`` (ties and anything smaller go up; at least one multiple).
+
+    The bottleneck map must hold more than one voxel (SwinUNETR instance-normalizes it), so a patch that would
+    be one multiple on every axis gets its largest axis doubled.
+    """
     # (2p + m) // 2m == floor(p / m + 1/2): round half up in integers
-    return [max(1, (2 * int(p) + multiple) // (2 * multiple)) * multiple for p in patch_size]
+    out = [max(1, (2 * int(p) + multiple) // (2 * multiple)) * multiple for p in patch_size]
+    if all(o == multiple for o in out):
+        out[max(reversed(range(len(out))), key=lambda i: int(patch_size[i]))] = 2 * multiple  # last: in-plane
+    return out
 
 
 class SwinUNETRNet(SwinUNETR):
