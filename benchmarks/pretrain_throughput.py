@@ -3,9 +3,13 @@
 Each (method, backend) runs in its own subprocess so peak memory is not shared: on CPU the peak RSS growth
 over the model's baseline (activations + gradients + optimizer state), on CUDA ``max_memory_allocated``.
 "dense-masked" is the ``reference`` backend: the dense op on masked input, re-masked (what SparK, HySparK and
-nnssl do); "sparse" is ``auto`` (ssl3d's CPU path / Triton on CUDA). MAE has no convolutions to sparsify.
+nnssl do); "sparse" is ``auto`` (ssl3d's CPU path / Triton on CUDA). Methods without a sparse encoder (MAE, SMIT)
+run once ("dense"). A step is a full training step as the trainer runs it: the method's own views or levels
+(MiM: 1 + 2·gamma volumes per sample; SMIT: two views, student + EMA teacher), backward, AdamW, EMA update.
+Each method uses its paper's mask ratio unless ``--ratio`` is given; ``vs first`` compares with the first
+method listed.
 
-    .venv/bin/python benchmarks/pretrain_throughput.py [--patch 64 64 64] [--steps 5] [--device cpu]
+    .venv/bin/python benchmarks/pretrain_throughput.py [--methods hyspark mim smit] [--patch 64 64 64] [--steps 5]
 """
 from __future__ import annotations
 
@@ -31,28 +35,32 @@ def plans_config(patch: list[int], spacing: list[float]) -> dict:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from ssl3d.training.methods import build_method
+    from ssl3d.training.methods import build_method, get_method_spec
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
     cfg = plans_config(args.patch, args.spacing)
+    spec = get_method_spec(args.method)
     kwargs = {"size": args.size} if args.size else {}
-    if args.method != "mae":
+    if spec.sparse:
         kwargs["backend"] = args.backend
     model = build_method(args.method, {}, cfg, 1, **kwargs).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), 1e-4)
-    x = torch.randn(args.batch, 1, *cfg["patch_size"], device=dev)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
+    x = torch.randn(args.batch, 1, *model.data_patch_size, device=dev)
+    ratio = args.ratio if args.ratio is not None else (spec.mask_ratio or 0.75)
     g = torch.Generator().manual_seed(0)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        loss = model(x, model.random_mask(args.batch, args.ratio, g, dev))
+        model.set_progress(1, 1000)
+        loss = model(x, model.random_mask(args.batch, ratio, g, dev), generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        model.after_optimizer_step()
 
     for _ in range(args.warmup):
         step()
@@ -70,7 +78,9 @@ def worker(args: argparse.Namespace) -> dict:
     mem = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024)
     return {"method": args.method, "backend": args.backend, "median_s": median, "it_per_s": 1 / median,
-            "peak_mem_mb": mem, "patch": cfg["patch_size"], "cell": cfg["ssl3d"]["mask_cell_size"]}
+            "peak_mem_mb": mem, "patch": list(model.patch_size), "data_patch": list(model.data_patch_size),
+            "cell": list(model.cell_size), "mask_ratio": ratio,
+            "params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6}
 
 
 def main() -> int:
@@ -79,7 +89,7 @@ def main() -> int:
     ap.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64])
     ap.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5])
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--ratio", type=float, default=0.75)
+    ap.add_argument("--ratio", type=float, default=None, help="mask ratio (default: each method's own)")
     ap.add_argument("--size", default="tiny", help="method size preset (tiny for CPU; planned/S on GPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -92,28 +102,37 @@ def main() -> int:
         args.method, args.backend = args.worker
         print(json.dumps(worker(args)))
         return 0
+    from ssl3d.training.methods import get_method_spec
+
     rows = []
     for method in args.methods:
-        for backend in (("reference", "auto") if method != "mae" else ("reference",)):
+        for backend in (("reference", "auto") if get_method_spec(method).sparse else ("reference",)):
+            ratio = [] if args.ratio is None else ["--ratio", str(args.ratio)]
             cmd = [sys.executable, __file__, "--worker", method, backend, "--patch", *map(str, args.patch),
-                   "--spacing", *map(str, args.spacing), "--batch", str(args.batch), "--ratio", str(args.ratio),
+                   "--spacing", *map(str, args.spacing), "--batch", str(args.batch), *ratio,
                    "--size", args.size, "--device", args.device, "--threads", str(args.threads),
                    "--warmup", str(args.warmup), "--steps", str(args.steps)]
-            r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode != 0:
                 print(f"{method}/{backend} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print(f"device {args.device}, {args.threads} threads, batch {args.batch}, patch {args.patch}, "
-          f"mask ratio {args.ratio}, size {args.size}")
-    print(f"{'method':<9}{'backend':<11}{'it/s':>8}{'peak MB':>10}{'speed vs dense':>16}{'mem vs dense':>14}")
+    print(f"device {args.device}, {args.threads} threads, batch {args.batch}, patch {args.patch}, size {args.size}")
+    print(f"{'method':<9}{'backend':<11}{'ratio':>6}{'params M':>9}{'s/step':>8}{'peak MB':>9}"
+          f"{'speed vs dense':>15}{'mem vs dense':>13}{'time vs first':>14}{'mem vs first':>13}")
+    first = next((r for r in rows if r["method"] == args.methods[0] and r["backend"] == "auto"), rows[0] if rows else {})
     for r in rows:
         ref = next((q for q in rows if q["method"] == r["method"] and q["backend"] == "reference"), r)
         r["speedup_vs_dense_masked"] = r["it_per_s"] / ref["it_per_s"]
         r["memory_vs_dense_masked"] = r["peak_mem_mb"] / max(ref["peak_mem_mb"], 1e-9)
-        name = "dense-mask" if r["backend"] == "reference" else "sparse"
-        print(f"{r['method']:<9}{name:<11}{r['it_per_s']:>8.3f}{r['peak_mem_mb']:>10.0f}"
-              f"{r['speedup_vs_dense_masked']:>15.2f}x{r['memory_vs_dense_masked']:>13.2f}x")
+        r["time_vs_first"] = r["median_s"] / first["median_s"]
+        r["memory_vs_first"] = r["peak_mem_mb"] / max(first["peak_mem_mb"], 1e-9)
+        sparse = get_method_spec(r["method"]).sparse
+        name = ("dense-mask" if r["backend"] == "reference" else "sparse") if sparse else "dense"
+        print(f"{r['method']:<9}{name:<11}{r['mask_ratio']:>6.2f}{r['params_m']:>9.2f}{r['median_s']:>8.3f}"
+              f"{r['peak_mem_mb']:>9.0f}{r['speedup_vs_dense_masked']:>14.2f}x{r['memory_vs_dense_masked']:>12.2f}x"
+              f"{r['time_vs_first']:>13.2f}x{r['memory_vs_first']:>12.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
                                            "rows": rows}, indent=2))

@@ -180,6 +180,10 @@ class MiM3D(HySparK3D):
         return {**super().config(), **self.opts, "data_patch_size": list(self.data_patch_size)}
 
 
+# the tiny backbone (CPU demos) gets proportionate heads and two sub-volumes per level instead of four
+SIZE_DEFAULTS = {"tiny": {"gamma": 2, "proj_dim": 256, "proj_hidden": 256}}
+
+
 # MiM paper: AdamW, lr 1e-4, weight decay 1e-2, warm-up + cosine; 60 % of the level tokens masked
 @register_method("mim", "MiM: multi-level mask-in-mask reconstruction + cross-level InfoNCE on the HySparK backbone",
                  sparse=True, trainer_name="MiMPretrainer", downstream="ssl3d.architectures.hybrid.HybridUNet",
@@ -189,5 +193,6 @@ class MiM3D(HySparK3D):
 def build_mim(plans: dict, configuration: dict, num_input_channels: int, size: str = "S", backend: str = "auto",
               **overrides) -> MiM3D:
     arch = {**hybrid_arch_kwargs(configuration, size), **overrides.pop("arch", {})}
+    opts = {**SIZE_DEFAULTS.get(size, {}), **overrides}
     return MiM3D(arch, num_input_channels, configuration["patch_size"], list(total_stride(arch["strides"])),
-                 backend, **overrides)
+                 backend, **opts)

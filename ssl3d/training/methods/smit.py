@@ -161,6 +161,10 @@ class SMIT3D(SSLMethod):
         return {**super().config(), **self.opts, "arch": self.arch, "data_patch_size": list(self.data_patch_size)}
 
 
+# the tiny Swin (CPU demos) gets proportionate heads; S keeps the paper's 2048 / 256 / 8192
+SIZE_DEFAULTS = {"tiny": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64}}
+
+
 # SMIT: AdamW; 70 % of 16³ cells masked; teacher 0.996 -> 1. lr 1e-4 at batch 2 scaled with the batch (DINO practice)
 @register_method("smit", "SMIT: Swin student/EMA teacher, masked image prediction + iBOT local + DINO global distillation",
                  trainer_name="SMITPretrainer", downstream="ssl3d.architectures.swin.SwinUNETRNet", transformer=True,
@@ -169,4 +173,5 @@ class SMIT3D(SSLMethod):
                  optim=OptimDefaults(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.04, grad_clip=3.0))
 def build_smit(plans: dict, configuration: dict, num_input_channels: int, size: str = "S", **overrides) -> SMIT3D:
     arch = {**swin_arch_kwargs(size), **overrides.pop("arch", {})}
-    return SMIT3D(num_input_channels, swin_patch_size(configuration["patch_size"]), arch, **overrides)
+    opts = {**SIZE_DEFAULTS.get(size, {}), **overrides}
+    return SMIT3D(num_input_channels, swin_patch_size(configuration["patch_size"]), arch, **opts)
