@@ -27,6 +27,7 @@ setup(
             "ssl_plan_and_preprocess=ssl3d.cli.plan_and_preprocess:main",
             "ssl_pretrain=ssl3d.cli.pretrain:main",
             "ssl_finetune=ssl3d.cli.finetune:main",
+            "ssl_finetune_cls=ssl3d.cli.finetune_cls:main",
             "ssl_predict=ssl3d.cli.predict:main",
             "ssl_benchmark=ssl3d.cli.benchmark:main",
             "ssl_extract_features=ssl3d.cli.extract_features:main",

@@ -88,7 +88,7 @@ class DenseMaskedCNN(DensifyDecoderMethod):
 
 @pytest.fixture
 def throwaway_method():
-    from ssl3d.training.methods.spark import scaled_architecture
+    from ssl3d.architectures.from_plans import scaled_architecture
 
     @register_method("throwaway", "test-only dense masked CNN", trainer_name="ThrowawayPretrainer",
                      downstream="dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",

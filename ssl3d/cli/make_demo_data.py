@@ -7,6 +7,7 @@ import sys
 
 from ssl3d.cli.common import run_cli
 from ssl3d.data.synthetic import PHASES, SIZE_PRESETS, write_demo_datasets
+from ssl3d.data.synthetic_cls import CLS_TASKS, write_classification_dataset
 from ssl3d.utils import env_dir
 
 
@@ -30,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-dl", "--labeled-id", type=int, default=802, help="dataset id of the labeled set (default 802)")
     p.add_argument("--unlabeled-name", default="SynthCTPool", help="dataset name of the unlabeled pool")
     p.add_argument("--labeled-name", default="SynthCTOrgans", help="dataset name of the labeled set")
+    p.add_argument("--classification", choices=sorted(CLS_TASKS), default=None,
+                   help="also write a case-classification dataset (fatty-liver: liver 30-60 HU darker in about half "
+                        "the cases; classes in cases.csv and dataset.json)")
+    p.add_argument("-nc", "--n-classification", type=int, default=16,
+                   help="cases in the classification dataset (default 16)")
+    p.add_argument("-dc", "--classification-id", type=int, default=803,
+                   help="dataset id of the classification dataset (default 803)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -45,6 +53,10 @@ def _run(args: argparse.Namespace) -> int:
                                       labeled_id=args.labeled_id, unlabeled_name=args.unlabeled_name,
                                       labeled_name=args.labeled_name, progress=not args.no_progress,
                                       phase=args.phase)
+        if args.classification:
+            folders["classification"] = write_classification_dataset(
+                raw_dir, args.classification, args.n_classification, args.seed, args.size, args.classification_id,
+                phase=args.phase, progress=not args.no_progress)
     except OSError as e:  # unwritable folder, full disk: one line, not a traceback
         raise SystemExit(f"ssl_make_demo_data: error: {e}") from None
     log = logging.getLogger("ssl3d")

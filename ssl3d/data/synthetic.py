@@ -125,10 +125,12 @@ def _sample_hu(rng: np.random.Generator, phase: str = "native") -> dict[str, flo
 
 
 def _render(rng: np.random.Generator, za: np.ndarray, ba: np.ndarray, aa: np.ndarray, body: dict[str, float],
-            vox: tuple[float, float, float], phase: str = "native") -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+            vox: tuple[float, float, float], phase: str = "native",
+            liver_hu_shift: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Paint the anatomy on the grid spanned by reference-mm axes (z, b, a); later structures win."""
     u = rng.uniform
     hu_of = _sample_hu(rng, phase)
+    hu_of["liver"] += liver_hu_shift  # e.g. steatosis (negative); no draw, so the anatomy stays the seed's
     axes = (za, ba, aa)
     shape = (za.size, ba.size, aa.size)
     thin = max(2.5, 1.3 * vox[1])  # thin bone must stay at least a voxel thick to survive sampling
@@ -311,8 +313,10 @@ def _reorient(rng: np.random.Generator, arrays: list[np.ndarray], spacing: tuple
     return [np.ascontiguousarray(x) for x in arrays], geometry
 
 
-def make_phantom(rng: np.random.Generator, size: str = "small", phase: str = "native") -> Phantom:
-    """Draw one synthetic abdominal CT (image in int16 HU, organ labels in uint8) with random geometry."""
+def make_phantom(rng: np.random.Generator, size: str = "small", phase: str = "native",
+                 liver_hu_shift: float = 0.0) -> Phantom:
+    """Draw one synthetic abdominal CT (image in int16 HU, organ labels in uint8); ``liver_hu_shift`` is added
+    to the liver's tissue value (fatty liver: negative)."""
     if size not in SIZE_PRESETS:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZE_PRESETS)}")
     (lo, hi), (zlo, zhi) = SIZE_PRESETS[size]
@@ -342,7 +346,7 @@ def make_phantom(rng: np.random.Generator, size: str = "small", phase: str = "na
     ba = (b_mid + (np.arange(n_ap) - 0.5 * (n_ap - 1)) * dxy).astype(np.float32)
     aa = (rng.normal(0, 4) + (np.arange(n_lr) - 0.5 * (n_lr - 1)) * dxy).astype(np.float32)
 
-    image, label, hu = _render(rng, za, ba, aa, body, (dz, dxy, dxy), phase)
+    image, label, hu = _render(rng, za, ba, aa, body, (dz, dxy, dxy), phase, liver_hu_shift)
 
     spacing = (s_xy, s_xy, s_z)
     extent = np.array([n_lr, n_ap, n_z]) * np.array(spacing)

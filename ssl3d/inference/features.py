@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+from ssl3d.architectures.encoders import stage_maps
 from ssl3d.data.readers import CaseSource, check_unique_ids, discover_folder, file_ending, read_case
 from ssl3d.preprocessing.preprocessor import preprocess_array
 from ssl3d.training.export import find_pretraining, load_pretrained_method
@@ -50,12 +51,7 @@ def encoder_stage_features(method: torch.nn.Module, x: torch.Tensor) -> list[tor
         if tokens.shape[1] != math.prod(grid):
             raise ValueError(f"{tokens.shape[1]} tokens do not fill the grid {grid}; pass no mask")
         out = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
-    if isinstance(out, torch.Tensor):
-        out = [out]
-    maps = list(out)
-    if not maps or any(not isinstance(f, torch.Tensor) or f.dim() != 5 for f in maps):
-        raise TypeError(f"{type(method).__name__}: encoder output is not a list of (B, C, z, y, x) maps")
-    return maps
+    return stage_maps(out, type(method).__name__)
 
 
 @dataclass

@@ -8,8 +8,10 @@
 - :class:`Centering`: the teacher's output center, averaged over all ranks before the EMA so every rank
   keeps the same center.
 - :func:`distillation_cross_entropy`, :func:`teacher_temperature`: DINO's sharpened/centered targets.
-- :func:`embedding_std`, :func:`mean_entropy`: collapse diagnostics (all embeddings equal -> std 0; a
-  collapsed teacher -> entropy 0 or log K).
+- :func:`embedding_std`, :func:`mean_entropy`, :func:`alignment_uniformity`: collapse diagnostics (all
+  embeddings equal -> std 0; a collapsed teacher -> entropy 0 or log K; uniformity -> 0 when collapsed).
+- :func:`gather_with_grad` / :func:`gather_no_grad`: batches of every rank, for losses whose negatives must
+  span the global batch (the gradient flows back to the rank that produced each row).
 """
 from __future__ import annotations
 
@@ -20,6 +22,34 @@ import torch
 import torch.nn.functional as F
 from torch import distributed as dist
 from torch import nn
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank, concatenated in rank order, differentiable (all ranks must pass equal shapes)."""
+    if _world() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), 0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank, concatenated in rank order, without gradient (queues, targets)."""
+    if _world() == 1:
+        return x.detach()
+    out = [torch.empty_like(x) for _ in range(_world())]
+    dist.all_gather(out, x.detach().contiguous())
+    return torch.cat(out, 0)
+
+
+def rank_offset(local_rows: int) -> int:
+    """Index of this rank's first row in a gathered batch."""
+    return dist.get_rank() * local_rows if _world() > 1 else 0
 
 
 def ema_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
@@ -141,3 +171,16 @@ def mean_entropy(logits: torch.Tensor, temperature: float = 1.0) -> float:
     """Mean entropy (nats) of softmax(logits / T) rows."""
     logp = F.log_softmax(logits.detach().float() / temperature, dim=-1)
     return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+@torch.no_grad()
+def alignment_uniformity(z1: torch.Tensor, z2: torch.Tensor) -> tuple[float, float]:
+    """Wang & Isola's diagnostics on L2-normalized pairs: alignment E‖z1 − z2‖² (0 = views agree) and uniformity
+    log E exp(−2‖zi − zj‖²) over all pairs (≈ −4 when spread on the sphere, 0 when collapsed)."""
+    a, b = F.normalize(z1.detach().float(), dim=-1), F.normalize(z2.detach().float(), dim=-1)
+    align = float((a - b).pow(2).sum(-1).mean())
+    z = torch.cat([a, b])
+    d2 = torch.cdist(z, z).pow(2)
+    off = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    uniform = float(torch.log(torch.exp(-2 * d2[off]).mean())) if z.shape[0] > 1 else float("nan")
+    return align, uniform

@@ -52,3 +52,22 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
 def negative_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BYOL's regression loss 2 − 2·cos(p, z), averaged (pass ``target`` detached for a stop-gradient)."""
     return (2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1)).mean()
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """SimCLR's NT-Xent with negatives from the whole global batch: under DDP the keys of every rank are gathered
+    with their gradients, so the loss (mean over this rank's 2n queries) and, after DDP's gradient averaging,
+    the update equal the single-process ones on the concatenated batch. Query i's positive is its other view;
+    every other row of both views (2N − 2 of them) is a negative."""
+    from ssl3d.training.distillation import gather_with_grad, rank_offset
+
+    n = z1.shape[0]
+    a, b = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+    keys = torch.cat([gather_with_grad(a), gather_with_grad(b)])  # (2N, D): all first views, then all second
+    big_n = keys.shape[0] // 2
+    own = rank_offset(n) + torch.arange(n, device=a.device)
+    logits = torch.cat([a, b]) @ keys.T / temperature  # (2n, 2N)
+    self_idx = torch.cat([own, own + big_n])
+    logits[torch.arange(2 * n, device=a.device), self_idx] = float("-inf")
+    targets = torch.cat([own + big_n, own])
+    return F.cross_entropy(logits, targets)

@@ -25,6 +25,9 @@ class SSLMethod(nn.Module):
     """Base class: subclasses set ``self.mask_grid_shape`` (cells per axis of the training patch)."""
 
     name: str = ""
+    n_views: int = 1  # 2: the loader gives two augmented overlapping views per case, x = (B, 2, C, *patch)
+    view_overlap: float = 0.5  # minimum overlap of the two views per axis
+    reconstructs: bool = True  # False: no image reconstruction (no previews, no masked-voxel PSNR)
 
     def __init__(self, patch_size: Sequence[int], cell_size: Sequence[int]):
         super().__init__()

@@ -166,7 +166,7 @@ SIZE_DEFAULTS = {"tiny": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 
 
 
 # SMIT: AdamW; 70 % of 16³ cells masked; teacher 0.996 -> 1. lr 1e-4 at batch 2 scaled with the batch (DINO practice)
-@register_method("smit", "SMIT: Swin student/EMA teacher, masked image prediction + iBOT local + DINO global distillation",
+@register_method("smit", "SMIT: Swin student + EMA teacher; masked image prediction, iBOT local + DINO global distillation",
                  trainer_name="SMITPretrainer", downstream="ssl3d.architectures.swin.SwinUNETRNet", transformer=True,
                  single_output=True, mask_ratio=0.7,
                  tiny={"size": "tiny", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16},

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ssl3d.architectures.from_plans import build_network_from_plans
+from ssl3d.architectures.from_plans import build_network_from_plans, scaled_architecture
 from ssl3d.sparse import sparse_forward, sparsify
 from ssl3d.training.methods.heads import DensifyDecoderMethod
 from ssl3d.training.methods.registry import register_method
@@ -40,19 +40,6 @@ class SparK3D(DensifyDecoderMethod):
         return {**super().config(), "backend": self.backend,
                 "features_per_stage": list(self.architecture["arch_kwargs"]["features_per_stage"]),
                 "strides": self.architecture["arch_kwargs"]["strides"]}
-
-
-def scaled_architecture(architecture: dict, size: str) -> dict:
-    """``planned``: as in the plans; ``tiny``: 1/4 width, one block per stage (tests, CPU demos)."""
-    if size in (None, "planned"):
-        return architecture
-    if size != "tiny":
-        raise ValueError(f"unknown size '{size}' (planned, tiny)")
-    arch = {**architecture, "arch_kwargs": dict(architecture["arch_kwargs"])}
-    kw = arch["arch_kwargs"]
-    kw["features_per_stage"] = [max(4, c // 4) for c in kw["features_per_stage"]]
-    kw["n_blocks_per_stage"] = [1] * kw["n_stages"]
-    return arch
 
 
 @register_method("spark", "SparK: sparse ResEnc CNN (planned topology), densify + light decoder, skip addition",

@@ -35,6 +35,7 @@ from ssl3d.training.checkpoints import CheckpointExtrasMixin
 from ssl3d.training.methods import MethodSpec, SSLMethod, get_method_spec
 from ssl3d.training.optim import WarmupCosine, optimizer_step, param_groups
 from ssl3d.training.pretraining.previews import save_reconstruction_preview
+from ssl3d.training.pretraining.views import TwoViewDataLoader, contrastive_view_transforms
 from ssl3d.training.seeding import derive_seed, seed_everything, worker_seeds
 from ssl3d.utils import DEFAULT_SEED, unwrap_network, write_json
 
@@ -58,7 +59,8 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
         optim = self.method_spec.optim
         ssl = self.configuration_manager.configuration.get("ssl3d", {})
         # the method's paper ratio (MiM 60 %, SMIT 70 %) unless it has none; ssl_pretrain --mask-ratio overrides
-        self.mask_ratio = float(self.method_spec.mask_ratio or ssl.get("mask_ratio", 0.75))
+        spec_ratio = self.method_spec.mask_ratio
+        self.mask_ratio = float(spec_ratio if spec_ratio is not None else ssl.get("mask_ratio", 0.75))
         self.method_kwargs: dict = {}
         self.sparse_backend = "auto"
         self.weight_decay = optim.weight_decay
@@ -151,11 +153,18 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
         tr_keys, val_keys = self.do_split()
         ds_tr = self.dataset_class(self.preprocessed_dataset_folder, tr_keys)
         ds_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys)
-        mirror = ComposeTransforms([MirrorTransform(allowed_axes=(0, 1, 2))])
-        dl_tr = nnUNetDataLoader(ds_tr, self.batch_size, patch, patch, self.label_manager,
-                                 oversample_foreground_percent=self.oversample_foreground_percent, transforms=mirror)
-        dl_val = nnUNetDataLoader(ds_val, self.batch_size, patch, patch, self.label_manager,
-                                  oversample_foreground_percent=0.0, transforms=None)
+        if self.ssl_method.n_views == 2:
+            views = contrastive_view_transforms(patch)
+            overlap = self.ssl_method.view_overlap
+            dl_tr = TwoViewDataLoader(ds_tr, self.batch_size, patch, self.label_manager, overlap, views)
+            dl_val = TwoViewDataLoader(ds_val, self.batch_size, patch, self.label_manager, overlap, views)
+        else:
+            mirror = ComposeTransforms([MirrorTransform(allowed_axes=(0, 1, 2))])
+            dl_tr = nnUNetDataLoader(ds_tr, self.batch_size, patch, patch, self.label_manager,
+                                     oversample_foreground_percent=self.oversample_foreground_percent,
+                                     transforms=mirror)
+            dl_val = nnUNetDataLoader(ds_val, self.batch_size, patch, patch, self.label_manager,
+                                      oversample_foreground_percent=0.0, transforms=None)
         seed_everything(derive_seed(self.seed, "data", self.local_rank))  # single-threaded loading
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
@@ -298,8 +307,9 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
             self.print_to_log_file(f"New best validation loss: {val:.4f}")
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
         if self.local_rank == 0:
-            if self.preview_every and (epoch == 0 or (epoch + 1) % self.preview_every == 0
-                                       or epoch == self.num_epochs - 1):
+            due = epoch == 0 or (epoch + 1) % self.preview_every == 0 or epoch == self.num_epochs - 1 \
+                if self.preview_every else False
+            if due and self.ssl_method.reconstructs:
                 self.save_preview(os.path.join(self.output_folder, "previews", f"epoch_{epoch:04d}.png"))
             self.logger.plot_progress_png(self.output_folder)
         self.current_epoch += 1
@@ -326,7 +336,7 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
                                     f"{self.method_name} epoch {self.current_epoch}")
 
     def on_train_end(self):
-        if self.local_rank == 0 and self.num_val_iterations_per_epoch > 0:
+        if self.local_rank == 0 and self.num_val_iterations_per_epoch > 0 and self.ssl_method.reconstructs:
             quality = self.reconstruction_quality()
             write_json(os.path.join(self.output_folder, "reconstruction_quality.json"), quality)
             self.print_to_log_file(

@@ -1,0 +1,61 @@
+"""The encoder of a downstream (segmentation) network, run on its own: a list of per-stage feature maps.
+
+Downstream networks keep their pretrained encoder under one top-level module, whose state-dict keys are the
+ones :func:`ssl3d.training.export.transfer_encoder` fills: ``encoder.*`` (nnU-Net's ``ResidualEncoderUNet``,
+``HybridUNet``, ``ViTSegNet``) or ``swinViT.*`` (``SwinUNETRNet``). :class:`DownstreamEncoder` holds only that
+module under the same name, so the pretrained keys load into it unchanged and no decoder weights ride along.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def stage_maps(out: Any, owner: str = "encoder") -> list[torch.Tensor]:
+    """An encoder's output as a list of ``(B, C, z, y, x)`` maps, finest first (a single map becomes a list)."""
+    maps = [out] if isinstance(out, torch.Tensor) else list(out)
+    if not maps or any(not isinstance(f, torch.Tensor) or f.dim() != 5 for f in maps):
+        raise TypeError(f"{owner}: encoder output is not a list of (B, C, z, y, x) maps")
+    return maps
+
+
+class DownstreamEncoder(nn.Module):
+    """``DownstreamEncoder(network)(x)`` -> the network encoder's stage maps (deepest last)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        swin = getattr(network, "swinViT", None)
+        if swin is not None:
+            self.swinViT = swin
+            self.normalize = bool(getattr(network, "normalize", True))  # as SwinUNETR.forward calls it
+        elif isinstance(getattr(network, "encoder", None), nn.Module):
+            self.encoder = network.encoder
+            if hasattr(self.encoder, "return_skips"):  # nnU-Net encoders: every stage, not just the last
+                self.encoder.return_skips = True
+        else:
+            raise TypeError(f"{type(network).__name__} has no 'encoder' or 'swinViT' module to classify from")
+        self.source = type(network).__name__
+
+    @property
+    def root(self) -> str:
+        """The top-level name of the pretrained keys (``encoder`` or ``swinViT``)."""
+        return "swinViT" if hasattr(self, "swinViT") else "encoder"
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.root == "swinViT":
+            from ssl3d.architectures.swin import swin_features
+
+            return swin_features(self.swinViT, x, normalize=self.normalize)
+        return stage_maps(self.encoder(x), self.source)
+
+    @torch.no_grad()
+    def out_channels(self, in_channels: int, patch: tuple[int, ...]) -> int:
+        """Channels of the deepest map (one forward pass of a zero patch on the module's device)."""
+        p = next(self.parameters())
+        was = self.training
+        self.eval()
+        c = int(self(torch.zeros(1, in_channels, *patch, device=p.device, dtype=p.dtype))[-1].shape[1])
+        self.train(was)
+        return c

@@ -1,0 +1,219 @@
+"""Classification fine-tuning end to end: labels -> plans transfer -> preprocessing -> splits -> train or probe ->
+held-out scoring. :func:`run_classification` is what ``ssl_finetune_cls`` (and a benchmark) calls.
+
+* Plans: ``finetune_plans`` of the pretraining (spacing, transpose, patch, normalization with the pool's
+  intensity statistics; a CT window becomes the equivalent CTNormalization) and the method's downstream network,
+  saved as ``$nnUNet_preprocessed/<Dataset>/ssl3d_<method>ClsPlans.json``; the labeled cases are preprocessed
+  with ssl3d's own resumable pipeline (``run_preprocessing``) into ``ssl3d_<method>ClsPlans_3d_fullres/``.
+* Splits: stratified K-fold over the labeled cases (K = min(5, smallest class), fixed seed as nnU-Net's folds);
+  the label budget (``n_train`` / ``fraction`` of the fold's training cases) is a stratified, nested prefix drawn
+  from ``seed``; for ``finetune``/``scratch`` a stratified 20 % of the budget (at least one case per class, else
+  none) validates (model selection), the rest trains. Only the fold's held-out cases are scored.
+* ``linear``: the frozen pretrained encoder embeds every budget and held-out case (``embed_image``: sliding
+  window, image-weighted global average of the deepest map), an L2-regularised logistic regression is fitted on
+  the budget cases; no network training. Embeddings are cached per case (resumable).
+* Outputs in ``$nnUNet_results/<Dataset>/<Trainer>__<plans>__3d_fullres/fold_<K>[_n<budget>][_s<seed>]/``:
+  ``predictions.csv`` (case_id, true, predicted, p_<class>...), ``metrics.json``, ``confusion_matrix.png``,
+  ``cls_results.json`` (options, cases, metrics) and the trainer's checkpoints / ``linear_probe.pth``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from ssl3d.data.case_labels import fold_split, label_subset, read_case_labels, stratified_order
+from ssl3d.data.readers import discover_inputs, find_raw_dataset
+from ssl3d.inference.features import embed_image, load_encoder, resolve_device
+from ssl3d.planning.plan_transfer import finetune_plans
+from ssl3d.preprocessing.preprocessor import plans_hash, run_preprocessing
+from ssl3d.training.export import find_pretraining, load_pretrained_method
+from ssl3d.training.finetuning.classification import MODES, TRAINERS
+from ssl3d.training.finetuning.cls_metrics import (classification_metrics, fit_logistic_regression, predict_logistic,
+                                                   save_confusion_png)
+from ssl3d.training.seeding import derive_seed
+from ssl3d.utils import DEFAULT_SEED, BadInputError, BadInputs, atomic_write, env_dir, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+CONFIGURATION = "3d_fullres"
+LINEAR_TRAINER = "ClsLinearProbe"
+
+
+@dataclass
+class ClsOptions:
+    dataset: str
+    pretraining: str
+    labels_csv: str | None = None
+    fold: int = 0
+    mode: str = "finetune"
+    epochs: int = 20
+    iters: int = 20
+    lr: float = 1e-4
+    batch_size: int = 2
+    device: str = "cuda"
+    fraction: float | None = None
+    n_train: int | None = None
+    seed: int = DEFAULT_SEED
+    val_fraction: float = 0.2
+    encoder_lr_factor: float = 1.0
+    layer_decay: float | None = None
+    class_balanced: bool = False
+    dropout: float = 0.0
+    l2: float = 1e-2
+    continue_training: bool = False
+    num_processes: int = 1
+    progress: bool = True
+    pretrain_fold: str = "0"
+
+
+def _validation_split(labels: dict[str, int], budget: list[str], fraction: float, seed: int) -> tuple[list, list]:
+    n_classes = len({labels[k] for k in budget})
+    n_val = int(round(fraction * len(budget)))
+    if n_val < n_classes:
+        return sorted(budget), []
+    order = stratified_order(labels, budget, derive_seed(seed, "cls-val"))
+    val, train = order[:n_val], order[n_val:]
+    if len({labels[k] for k in train}) < n_classes:  # every class must still be trained on
+        return sorted(budget), []
+    return sorted(train), sorted(val)
+
+
+def load_preprocessed(data_dir: Path, key: str) -> np.ndarray:
+    data, _, _, _ = infer_dataset_class(str(data_dir))(str(data_dir), [key]).load_case(key)
+    return np.asarray(data, dtype=np.float32)
+
+
+def prepare(opts: ClsOptions) -> dict:
+    """Labels, plans and preprocessing (resumable); everything both modes need."""
+    if opts.mode not in MODES:
+        raise BadInputError(None, f"unknown mode '{opts.mode}' ({', '.join(MODES)})")
+    pre_root, res_root = env_dir("nnUNet_preprocessed"), env_dir("nnUNet_results")
+    if pre_root is None or res_root is None or env_dir("nnUNet_raw") is None:
+        raise BadInputError(None, "set nnUNet_raw, nnUNet_preprocessed and nnUNet_results")
+    raw = find_raw_dataset(str(opts.dataset))
+    cases, channel_names = discover_inputs([str(raw)])
+    labels, names = read_case_labels(raw / "dataset.json", [c.case_id for c in cases], opts.labels_csv)
+    folder, ckpt = find_pretraining(opts.pretraining, opts.pretrain_fold)
+    method, pplans, info = load_pretrained_method(folder, ckpt)
+    plans_name = f"ssl3d_{info['name']}ClsPlans"
+    plans = finetune_plans(pplans, method.downstream_architecture(), raw.name, plans_name,
+                           {"batch_size": opts.batch_size, "method": info["name"], "pretrained_from": str(ckpt)},
+                           method.patch_size)
+    target = pre_root / raw.name
+    write_json(target / f"{plans_name}.json", plans)
+    write_json(target / "dataset.json", {"channel_names": channel_names, "labels": {"background": 0, "body": 1},
+                                         "numTraining": len(labels), "file_ending": ".nii.gz", "name": raw.name,
+                                         "description": "ssl3d classification; seg arrays hold a body mask",
+                                         "ssl3d_case_labels": labels, "ssl3d_classes": dict(enumerate(names))})
+    fp = folder / "dataset_fingerprint.json"  # nnU-Net copies a fingerprint into its results; the pool's one
+    if fp.is_file() and not (target / "dataset_fingerprint.json").is_file():
+        shutil.copyfile(fp, target / "dataset_fingerprint.json")
+    elif not (target / "dataset_fingerprint.json").is_file():
+        write_json(target / "dataset_fingerprint.json", {})
+    data_dir = target / plans["configurations"][CONFIGURATION]["data_identifier"]
+    _, _, errors = run_preprocessing([c for c in cases if c.case_id in labels], plans, CONFIGURATION, data_dir,
+                                     opts.num_processes, opts.progress)
+    if errors:
+        raise BadInputs(list(errors.values()))
+    train, test = fold_split(labels, opts.fold, DEFAULT_SEED)
+    budget = label_subset(labels, train, opts.seed, opts.n_train, opts.fraction)
+    tag = f"{opts.fold}" + (f"_n{len(budget)}" if len(budget) < len(train) else "") + \
+        (f"_s{opts.seed}" if opts.seed != DEFAULT_SEED else "")
+    return {"raw": raw, "labels": labels, "names": names, "folder": folder, "checkpoint": ckpt, "method": method,
+            "info": info, "plans": plans, "plans_name": plans_name, "preprocessed": target, "data_dir": data_dir,
+            "budget": budget, "test": test, "tag": tag, "results_root": res_root}
+
+
+def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
+    train, val = _validation_split(p["labels"], p["budget"], opts.val_fraction, opts.seed)
+    trainer = TRAINERS[opts.mode](p["plans"], CONFIGURATION, p["tag"], read_json(p["preprocessed"] / "dataset.json"),
+                                  resolve_device(opts.device))
+    trainer.case_labels, trainer.class_names = p["labels"], p["names"]
+    trainer.train_keys, trainer.val_keys = train, val
+    trainer.encoder_state = p["method"].downstream_state_dict() if opts.mode == "finetune" else None
+    trainer.num_epochs, trainer.num_iterations_per_epoch = opts.epochs, opts.iters
+    trainer.initial_lr, trainer.seed, trainer.show_progress = opts.lr, opts.seed, opts.progress
+    trainer.encoder_lr_factor, trainer.layer_decay = opts.encoder_lr_factor, opts.layer_decay
+    trainer.class_balanced, trainer.dropout = opts.class_balanced, opts.dropout
+    out = Path(trainer.output_folder)
+    if opts.continue_training:
+        found = [out / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth") if (out / n).is_file()]
+        if found:
+            logger.info("continuing from %s", found[0])
+            trainer.load_checkpoint(str(found[0]))
+        else:
+            logger.info("--c: no checkpoint in %s; starting from scratch", out)
+    if trainer.current_epoch < trainer.num_epochs:
+        trainer.run_training()
+    elif not trainer.was_initialized:
+        trainer.initialize()
+    best = out / "checkpoint_best.pth"
+    if val and best.is_file():  # the selected model is the one scored
+        trainer.network.load_state_dict(torch.load(best, map_location=trainer.device, weights_only=False)["network_weights"])
+    logits = torch.as_tensor(trainer.predict_logits(p["test"], opts.progress))
+    return torch.softmax(logits, 1).numpy(), out, {"train_cases": train, "val_cases": val,
+                                                   "epochs_trained": trainer.current_epoch}
+
+
+def _linear_probe(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
+    out = p["results_root"] / p["raw"].name / f"{LINEAR_TRAINER}__{p['plans_name']}__{CONFIGURATION}" / f"fold_{p['tag']}"
+    cache = out / "embeddings"
+    meta = {"checkpoint": str(Path(p["checkpoint"]).resolve()), "plans_hash": plans_hash(p["plans"], CONFIGURATION)}
+    if (cache / "meta.json").is_file() and read_json(cache / "meta.json") != meta:
+        shutil.rmtree(cache)  # another encoder or preprocessing: cached embeddings are stale
+    write_json(cache / "meta.json", meta)
+    encoder = load_encoder(p["folder"], opts.pretrain_fold, opts.device)
+    keys = sorted(set(p["budget"]) | set(p["test"]))
+    emb = {}
+    for k in tqdm(keys, desc="embed", unit="case", disable=not opts.progress):
+        f = cache / f"{k}.npy"
+        if f.is_file():
+            emb[k] = np.load(f)
+            continue
+        emb[k] = embed_image(encoder, load_preprocessed(p["data_dir"], k))["embedding"]
+        atomic_write(f, lambda fh, e=emb[k]: np.save(fh, e))
+    y = [p["labels"][k] for k in p["budget"]]
+    model = fit_logistic_regression(np.stack([emb[k] for k in p["budget"]]), y, len(p["names"]), opts.l2)
+    atomic_write(out / "linear_probe.pth", lambda fh: torch.save({**model, "class_names": p["names"],
+                                                                   "train_cases": p["budget"], "l2": opts.l2}, fh))
+    probs = predict_logistic(model, np.stack([emb[k] for k in p["test"]]))
+    return probs, out, {"train_cases": p["budget"], "val_cases": []}
+
+
+def write_predictions(out: Path, cases: list[str], y_true: list[int], probs: np.ndarray, names: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case_id", "true", "predicted", *[f"p_{n}" for n in names]])
+    for c, t, pr in zip(cases, y_true, probs):
+        w.writerow([c, names[t], names[int(pr.argmax())], *[f"{v:.6f}" for v in pr]])
+    atomic_write(out / "predictions.csv", lambda f: f.write(buf.getvalue()), "w")
+
+
+def run_classification(opts: ClsOptions) -> dict:
+    """Train (or probe) and score the fold's held-out cases. Returns the metrics dict plus run details."""
+    p = prepare(opts)
+    logger.info("%s: %d labeled cases, fold %d: %d in the label budget, %d held out (classes: %s)", p["raw"].name,
+                len(p["labels"]), opts.fold, len(p["budget"]), len(p["test"]), ", ".join(p["names"]))
+    probs, out, extra = (_linear_probe if opts.mode == "linear" else _train_network)(opts, p)
+    y = [p["labels"][k] for k in p["test"]]
+    metrics = classification_metrics(y, probs, p["names"])
+    write_predictions(out, p["test"], y, probs, p["names"])
+    write_json(out / "metrics.json", metrics)
+    save_confusion_png(metrics["confusion_matrix"], p["names"], out / "confusion_matrix.png",
+                       f"{opts.mode}, fold {p['tag']}: AUC {metrics['auc']:.3f}")
+    summary = {"metrics": metrics, "mode": opts.mode, "method": p["info"]["name"], "dataset": p["raw"].name,
+               "fold": opts.fold, "seed": opts.seed, "n_budget": len(p["budget"]), "test_cases": p["test"],
+               "output_folder": str(out), "pretrained_from": str(p["checkpoint"]), "options": asdict(opts), **extra}
+    write_json(out / "cls_results.json", summary)
+    logger.info("held-out %d cases: AUC %.3f, balanced accuracy %.3f -> %s", len(y), metrics["auc"],
+                metrics["balanced_accuracy"], out)
+    return {**metrics, "output_folder": str(out), "n_budget": len(p["budget"])}

@@ -1,0 +1,335 @@
+"""Case classification on top of a (pretrained) downstream encoder: ``ClassifierNet`` and its nnU-Net trainer.
+
+Model: the method's downstream network built from the plans, reduced to its encoder
+(:class:`~ssl3d.architectures.encoders.DownstreamEncoder`, pretrained weights copied by ``transfer_encoder``),
+global average pooling of the deepest stage map, dropout (optional), one linear layer.
+
+``SSLClassificationTrainer`` is nnU-Net's trainer changed through its hooks only, like ``SSLPretrainer``:
+nnU-Net's loop, folders, log, ``progress.png``, checkpoint_latest/best/final and ``--c`` resume are kept;
+replaced are the network, data loading (random crops of the planned patch from nnU-Net's loader, mirroring on
+all axes, case classes looked up by the batch's keys), the train step (cross-entropy, optionally class-balanced,
+AdamW with per-iteration warm-up + cosine, encoder LR = ``encoder_lr_factor`` × LR, optional layer-wise decay
+``layer_decay`` ** (depth from the top) over the encoder's blocks) and epoch-end validation: every validation
+case is classified whole by a sliding window (:func:`sliding_window_logits`: patch-size tiles, 50 % overlap,
+logits averaged over tiles); its AUC ("mean_fg_dice" in nnU-Net's log and plot) picks ``checkpoint_best``
+(ties and undefined AUCs: lower validation loss). Without validation cases the epoch's training loss decides.
+Mode ``scratch`` is the same network without pretrained weights. Options are attributes set before
+``initialize`` (nnU-Net convention); case lists and classes come from the caller.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from time import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from torch import autocast, nn
+from tqdm import tqdm
+
+from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from ssl3d.architectures.encoders import DownstreamEncoder
+from ssl3d.architectures.from_plans import build_network_from_plans
+from ssl3d.training.checkpoints import CheckpointExtrasMixin
+from ssl3d.training.export import transfer_encoder
+from ssl3d.training.finetuning.cls_metrics import auc
+from ssl3d.training.optim import WarmupCosine, optimizer_step, param_groups
+from ssl3d.training.seeding import derive_seed, seed_everything
+from ssl3d.utils import DEFAULT_SEED, BadInputError
+
+MODES = ("finetune", "scratch", "linear")
+TILE_STEP = 0.5
+
+
+class ClassifierNet(nn.Module):
+    def __init__(self, encoder: DownstreamEncoder, channels: int, n_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.backbone = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels, n_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)[-1].mean((2, 3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.embed(x)))
+
+
+def build_classifier(architecture: dict, in_channels: int, n_classes: int, patch: Sequence[int],
+                     encoder_state: dict[str, torch.Tensor] | None = None, dropout: float = 0.0) -> ClassifierNet:
+    """The downstream network's encoder (pretrained when ``encoder_state`` is given) + pooling + linear head."""
+    net = build_network_from_plans(architecture, in_channels, n_classes, deep_supervision=False)
+    if encoder_state is not None:
+        transfer_encoder(net, encoder_state)  # every key checked; fails loudly on a mismatch
+    encoder = DownstreamEncoder(net)
+    return ClassifierNet(encoder, encoder.out_channels(in_channels, tuple(patch)), n_classes, dropout)
+
+
+def encoder_depths(encoder: nn.Module) -> dict[str, int]:
+    """Block index of every encoder parameter, in registration (= forward) order: a block is the name up to its
+    first numeric part (``encoder.stages.2``, ``swinViT.layers1.0``), else the parent module (``encoder.stem``)."""
+    blocks: dict[str, int] = {}
+    out = {}
+    for name, _ in encoder.named_parameters():
+        parts = name.split(".")
+        cut = next((i for i, p in enumerate(parts) if p.isdigit() or re.fullmatch(r"layers\d+", p)), len(parts) - 2)
+        block = ".".join(parts[: cut + 1])
+        out[name] = blocks.setdefault(block, len(blocks))
+    return out
+
+
+def classifier_param_groups(model: ClassifierNet, weight_decay: float, encoder_lr_factor: float = 1.0,
+                            layer_decay: float | None = None) -> list[dict]:
+    """AdamW groups (no decay on norms/biases) with ``lr_factor``: head 1, encoder block d of n
+    ``encoder_lr_factor * layer_decay ** (n - d)``."""
+    depths = encoder_depths(model.backbone)
+    n = max(depths.values(), default=-1) + 1
+    factors: dict[float, list[str]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        f = 1.0
+        if name.startswith("backbone."):
+            f = encoder_lr_factor * (layer_decay ** (n - depths[name[len("backbone."):]]) if layer_decay else 1.0)
+        factors.setdefault(f, []).append(name)
+    params = dict(model.named_parameters())
+    groups = []
+    for f, names in factors.items():
+        holder = nn.Module()
+        for i, nm in enumerate(names):
+            holder.register_parameter(nm.replace(".", "_") + f"_{i}", params[nm])
+        for g in param_groups(holder, weight_decay):
+            if g["params"]:
+                groups.append({**g, "lr_factor": f})
+    return groups
+
+
+class GroupWarmupCosine(WarmupCosine):
+    """``WarmupCosine`` that keeps each group's ``lr_factor``."""
+
+    def step(self, it: int) -> float:
+        lr = self.lr_at(it)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_factor", 1.0)
+        return lr
+
+
+@torch.inference_mode()
+def sliding_window_logits(fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray | torch.Tensor,
+                          patch: Sequence[int], device: torch.device, batch: int = 2) -> torch.Tensor:
+    """``fn`` (logits or embeddings of a batch of patches) averaged over 50 %-overlap patch tiles covering the
+    whole ``(C, Z, Y, X)`` image; an image smaller than the patch is zero-padded at the far end (what nnU-Net's
+    loader pads with)."""
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32))
+    shape = tuple(x.shape[1:])
+    padded = tuple(max(s, p) for s, p in zip(shape, patch))
+    x = torch.nn.functional.pad(x, [v for s, p in zip(reversed(shape), reversed(padded)) for v in (0, p - s)])
+    steps = compute_steps_for_sliding_window(padded, tuple(patch), TILE_STEP)
+    starts = [(z, y, xx) for z in steps[0] for y in steps[1] for xx in steps[2]]
+    total, count = None, 0
+    for i in range(0, len(starts), batch):
+        tiles = torch.stack([x[:, z:z + patch[0], y:y + patch[1], xx:xx + patch[2]] for z, y, xx in starts[i:i + batch]])
+        out = fn(tiles.to(device)).float().cpu()
+        total = out.sum(0) if total is None else total + out.sum(0)
+        count += out.shape[0]
+    return total / count
+
+
+class SSLClassificationTrainer(CheckpointExtrasMixin, nnUNetTrainer):
+    mode = "finetune"
+
+    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        plans = dict(plans)
+        plans.setdefault("continue_training", False)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.case_labels: dict[str, int] = {}
+        self.class_names: list[str] = []
+        self.train_keys: list[str] = []
+        self.val_keys: list[str] = []
+        self.encoder_state: dict[str, torch.Tensor] | None = None
+        self.num_epochs = 50
+        self.num_iterations_per_epoch = 50
+        self.num_val_iterations_per_epoch = 0  # validation classifies whole cases at epoch end instead
+        self.initial_lr = 1e-4
+        self.weight_decay = 0.05
+        self.betas = (0.9, 0.999)
+        self.warmup_fraction = 0.05
+        self.grad_clip = 3.0
+        self.encoder_lr_factor = 1.0
+        self.layer_decay: float | None = None
+        self.class_balanced = False
+        self.dropout = 0.0
+        self.seed = DEFAULT_SEED
+        self.save_every = 1  # small models: a resumable state after every epoch
+        self.show_progress = True
+        self.enable_deep_supervision = False
+        self.oversample_foreground_percent = 0.0
+        self.global_step = 0
+        self.best_score: list[float] | None = None
+        self._bar = None
+
+    # ---- network, optimizer --------------------------------------------------------------------------------
+    def initialize(self):
+        if self.was_initialized:
+            raise RuntimeError("initialize called twice")
+        if not self.case_labels or not self.train_keys:
+            raise RuntimeError("set case_labels, class_names and train_keys before initialize()")
+        seed_everything(derive_seed(self.seed, "cls-init"))
+        self._set_batch_size_and_oversample()
+        self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                               self.dataset_json)
+        state = self.encoder_state if self.mode == "finetune" else None
+        self.network = build_classifier(self.configuration_manager.configuration["architecture"],
+                                        self.num_input_channels, len(self.class_names),
+                                        self.configuration_manager.patch_size, state, self.dropout).to(self.device)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        weights = None
+        if self.class_balanced:
+            counts = np.bincount([self.case_labels[k] for k in self.train_keys], minlength=len(self.class_names))
+            weights = torch.tensor(len(self.train_keys) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+        self.loss = nn.CrossEntropyLoss(weight=weights.to(self.device) if weights is not None else None)
+        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        self.was_initialized = True
+
+    def configure_optimizers(self):
+        groups = classifier_param_groups(self.network, self.weight_decay, self.encoder_lr_factor, self.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=self.betas)
+        total = self.num_epochs * self.num_iterations_per_epoch
+        return optimizer, GroupWarmupCosine(optimizer, self.initial_lr, total, int(round(self.warmup_fraction * total)))
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        pass
+
+    def plot_network_architecture(self):
+        pass
+
+    # ---- data ----------------------------------------------------------------------------------------------
+    def do_split(self):
+        return list(self.train_keys), list(self.val_keys)
+
+    def get_dataloaders(self):
+        patch = tuple(self.configuration_manager.patch_size)
+        ds = self.dataset_class(self.preprocessed_dataset_folder, self.train_keys)
+        mirror = ComposeTransforms([MirrorTransform(allowed_axes=(0, 1, 2))])
+        dl = nnUNetDataLoader(ds, self.batch_size, patch, patch, self.label_manager, oversample_foreground_percent=0.0,
+                              transforms=mirror)
+        seed_everything(derive_seed(self.seed, "cls-data"))
+        # single-threaded: crops of a few small volumes; no worker start-up, deterministic given the seed
+        return SingleThreadedAugmenter(dl, None), None
+
+    def load_image(self, key: str) -> np.ndarray:
+        data, _, _, _ = self.dataset_class(self.preprocessed_dataset_folder, [key]).load_case(key)
+        return np.asarray(data)
+
+    def predict_logits(self, keys: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Whole-case logits ``(N, classes)`` by sliding window, network in eval mode."""
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        was = self.network.training
+        self.network.eval()
+        patch = tuple(self.configuration_manager.patch_size)
+        out = [sliding_window_logits(self.network, self.load_image(k), patch, self.device, self.batch_size)
+               for k in tqdm(keys, desc="classify", unit="case", disable=not progress, leave=False)]
+        self.network.train(was)
+        return torch.stack(out).numpy() if out else np.zeros((0, len(self.class_names)), np.float32)
+
+    # ---- hooks ---------------------------------------------------------------------------------------------
+    def on_train_epoch_start(self):
+        self.network.train()
+        self.global_step = self.current_epoch * self.num_iterations_per_epoch
+        lr = self.lr_scheduler.step(self.global_step)
+        self.print_to_log_file("")
+        self.print_to_log_file(f"Epoch {self.current_epoch}")
+        self.print_to_log_file(f"Current learning rate: {lr:.3g}")
+        self.logger.log("lrs", lr, self.current_epoch)
+        self._bar = tqdm(total=self.num_iterations_per_epoch, desc=f"epoch {self.current_epoch}", unit="it",
+                         disable=not self.show_progress, leave=False)
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = torch.tensor([self.case_labels[k] for k in batch["keys"]], device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss = self.loss(self.network(data).float(), target)
+        optimizer_step(loss, self.optimizer, self.network.parameters(), self.grad_clip, self.grad_scaler)
+        self.global_step += 1
+        self.lr_scheduler.step(self.global_step)
+        value = loss.detach().cpu().numpy()
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{float(value):.4f}")
+        return {"loss": value}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        super().on_train_epoch_end(train_outputs)
+
+    def on_validation_epoch_start(self):
+        self.network.eval()
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        loss, score = float("nan"), float("nan")
+        if self.val_keys:
+            logits = torch.as_tensor(self.predict_logits(self.val_keys))
+            y = torch.tensor([self.case_labels[k] for k in self.val_keys])
+            loss = float(nn.functional.cross_entropy(logits, y))
+            score = auc(y.numpy(), torch.softmax(logits, 1).numpy())
+        self.logger.log("val_losses", loss, self.current_epoch)
+        self.logger.log("mean_fg_dice", score, self.current_epoch)  # nnU-Net's plot: validation AUC
+        self.logger.log("dice_per_class_or_region", [score], self.current_epoch)
+
+    def on_epoch_end(self):
+        self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
+        tr = self.logger.get_value("train_losses", step=-1)
+        val = self.logger.get_value("val_losses", step=-1)
+        val_auc = self.logger.get_value("mean_fg_dice", step=-1)
+        took = self.logger.get_value("epoch_end_timestamps", -1) - self.logger.get_value("epoch_start_timestamps", -1)
+        self.print_to_log_file(f"train_loss {tr:.4f}  val_loss {val:.4f}  val_auc {val_auc:.4f}  "
+                               f"epoch time {took:.1f} s")
+        # higher is better: AUC first (undefined counts as lowest), then the lower loss
+        score = [val_auc if not math.isnan(val_auc) else -1.0, -(val if not math.isnan(val) else tr)]
+        if self.best_score is None or score > self.best_score:
+            self.best_score = score
+            self.print_to_log_file(f"New best: val_auc {val_auc:.4f}, loss {-score[1]:.4f}")
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+        if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+        self.logger.plot_progress_png(self.output_folder)
+        self.current_epoch += 1
+
+    def checkpoint_extras(self) -> dict:
+        return {"best_score": self.best_score, "global_step": self.global_step, "mode": self.mode,
+                "class_names": self.class_names, "train_keys": self.train_keys, "val_keys": self.val_keys}
+
+    def load_checkpoint_extras(self, extras: dict) -> None:
+        if extras.get("train_keys") not in (None, self.train_keys):
+            raise BadInputError(self.output_folder, "--c: the checkpoint was trained on other cases (labels, fold, "
+                                                    "label budget or seed changed); rerun without --c")
+        self.best_score = extras.get("best_score")
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("Classification: held-out cases are scored by ssl3d.evaluation.classification.")
+
+
+class ClsFinetuneTrainer(SSLClassificationTrainer):
+    mode = "finetune"
+
+
+class ClsScratchTrainer(SSLClassificationTrainer):
+    mode = "scratch"
+
+
+TRAINERS = {"finetune": ClsFinetuneTrainer, "scratch": ClsScratchTrainer}

@@ -1,0 +1,168 @@
+"""Classification fine-tuning: metrics, stratified splits, synthetic class data, ssl_finetune_cls end to end."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import subprocess_env
+from ssl3d.data.case_labels import fold_split, label_subset, read_case_labels, stratified_folds
+from ssl3d.training.finetuning.cls_metrics import (binary_auc, classification_metrics, fit_logistic_regression,
+                                                   predict_logistic)
+from ssl3d.utils import BadInputError
+
+BIN = Path(sys.executable).parent
+
+
+def sh(args, env, ok=True, timeout=600):
+    r = subprocess.run([str(BIN / args[0]), *map(str, args[1:])], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if ok:
+        assert r.returncode == 0, (args, r.stdout[-1500:], r.stderr[-3000:])
+    return r
+
+
+def test_auc_matches_hand_computed_with_ties():
+    # pairs (pos, neg): scores pos [0.8, 0.4, 0.4], neg [0.4, 0.1]
+    # 0.8 beats both (2), 0.4 vs 0.4 tie (0.5) and beats 0.1 (1) -> 1.5 each -> (2 + 1.5 + 1.5) / 6
+    assert binary_auc([1, 1, 1, 0, 0], [0.8, 0.4, 0.4, 0.4, 0.1]) == pytest.approx(5 / 6)
+    assert binary_auc([1, 0], [0.2, 0.9]) == 0.0
+    assert np.isnan(binary_auc([1, 1], [0.2, 0.9]))
+    m = classification_metrics([0, 0, 1, 1], np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]]), ["a", "b"])
+    assert m["confusion_matrix"] == [[1, 1], [0, 2]] and m["auc"] == 1.0
+    assert m["balanced_accuracy"] == pytest.approx(0.75)
+    assert m["f1_per_class"]["a"] == pytest.approx(2 / 3) and m["f1_per_class"]["b"] == pytest.approx(0.8)
+
+
+def test_folds_stratified_and_fractions_nested():
+    labels = {f"c{i:02d}": int(i % 3 == 0) for i in range(23)}  # 8 positives, 15 negatives
+    folds = stratified_folds(labels, seed=1)
+    assert len(folds) == 5 and sorted(sum(folds, [])) == sorted(labels)
+    assert all(len(set(a) & set(b)) == 0 for i, a in enumerate(folds) for b in folds[i + 1:])
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    assert all(sum(labels[c] for c in f) in (1, 2) for f in folds)  # 8 positives over 5 folds
+    train, test = fold_split(labels, 2, seed=1)
+    assert not set(train) & set(test) and len(train) + len(test) == 23
+    subsets = [label_subset(labels, train, 7, n_train=k) for k in range(2, len(train) + 1)]
+    assert all(set(a) <= set(b) for a, b in zip(subsets, subsets[1:]))
+    assert all({labels[c] for c in s} == {0, 1} for s in subsets)
+    assert label_subset(labels, train, 7, fraction=0.25) == subsets[round(0.25 * len(train)) - 2]
+    assert stratified_folds(labels, seed=1) == folds
+
+
+def test_bad_labels_csv_names_the_file(tmp_path):
+    (tmp_path / "dataset.json").write_text("{}")
+    csv_path = tmp_path / "cases.csv"
+    csv_path.write_text("case_id,label\na,0\nb,1\nzzz,1\nc,0\n")
+    with pytest.raises(BadInputError, match="unknown case id 'zzz'") as e:
+        read_case_labels(tmp_path / "dataset.json", ["a", "b", "c"], csv_path)
+    assert str(csv_path) in e.value.line()
+
+
+def test_logistic_probe_separates_easy_task():
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 20)
+    x = rng.normal(size=(40, 8)) + 1.5 * y[:, None] * np.eye(8)[0]
+    model = fit_logistic_regression(x[:20], y[:20], 2)
+    probs = predict_logistic(model, x[20:])
+    assert binary_auc(y[20:], probs[:, 1]) > 0.8
+
+
+@pytest.fixture(scope="module")
+def cls_env(tmp_path_factory):
+    """Tiny synthetic pool + fatty-liver set (10 cases) -> 2-iteration tiny SparK pretraining."""
+    root = tmp_path_factory.mktemp("cls")
+    env = subprocess_env(root / "raw", root / "pre", root / "res")
+    sh(["ssl_make_demo_data", "-o", root / "raw", "--size", "tiny", "-nu", "4", "-nl", "0", "--classification",
+        "fatty-liver", "-nc", "10", "--no-progress"], env)
+    sh(["ssl_plan_and_preprocess", "-d", "801", "-np", "1", "--no-progress", "--patch-size", "16", "32", "32"], env)
+    sh(["ssl_pretrain", "-d", "801", "-m", "spark", "-device", "cpu", "--size", "tiny", "--epochs", "1", "--iters",
+        "2", "--val-iters", "1", "--no-progress", "--preview-every", "0"], env)
+    return {"root": root, "env": env, "raw": root / "raw" / "Dataset803_SynthCTFattyLiver",
+            "results": root / "res" / "Dataset801_SynthCTPool" / "SparKPretrainer__ssl3dPlans__3d_fullres"}
+
+
+def test_synthetic_cls_data_labels_in_both_places_and_deterministic(cls_env, tmp_path):
+    from ssl3d.data.synthetic_cls import write_classification_dataset
+
+    dj = json.loads((cls_env["raw"] / "dataset.json").read_text())
+    rows = list(csv.DictReader(open(cls_env["raw"] / "cases.csv")))
+    assert {r["case_id"]: int(r["label"]) for r in rows} == dj["ssl3d_case_labels"]
+    assert sum(dj["ssl3d_case_labels"].values()) == 5 and dj["ssl3d_classes"] == {"0": "normal", "1": "fatty"}
+    assert all(-60 <= s <= -30 for c, s in dj["ssl3d_liver_hu_shift"].items() if dj["ssl3d_case_labels"][c])
+    a = write_classification_dataset(tmp_path / "a", n=2, seed=3, size="tiny", progress=False)
+    b = write_classification_dataset(tmp_path / "b", n=2, seed=3, size="tiny", progress=False)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) == 4 and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert json.loads((a / "dataset.json").read_text())["ssl3d_case_labels"] in ({"liver_0000": 1, "liver_0001": 0},
+                                                                                 {"liver_0000": 0, "liver_0001": 1})
+
+
+def _cls(cls_env, *extra, ok=True):
+    return sh(["ssl_finetune_cls", "-d", "803", "-p", cls_env["results"], "-device", "cpu", "--epochs", "1",
+               "--iters", "2", "--no-progress", *extra], cls_env["env"], ok=ok)
+
+
+def _check_outputs(folder: Path, n_test: int):
+    rows = list(csv.DictReader(open(folder / "predictions.csv")))
+    assert len(rows) == n_test and {"case_id", "true", "predicted", "p_normal", "p_fatty"} <= set(rows[0])
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert {"auc", "balanced_accuracy", "f1_per_class", "confusion_matrix"} <= set(metrics)
+    assert sum(map(sum, metrics["confusion_matrix"])) == n_test
+    assert (folder / "confusion_matrix.png").stat().st_size > 1000
+    summary = json.loads((folder / "cls_results.json").read_text())
+    assert not set(summary["test_cases"]) & set(summary["train_cases"] + summary["val_cases"])
+    return summary
+
+
+def test_finetune_resume_and_linear(cls_env):
+    _cls(cls_env, "--mode", "finetune")
+    plans = "ssl3d_sparkClsPlans__3d_fullres"
+    out = cls_env["root"] / "res" / "Dataset803_SynthCTFattyLiver" / f"ClsFinetuneTrainer__{plans}" / "fold_0"
+    summary = _check_outputs(out, 2)
+    assert len(summary["val_cases"]) == 2 and (out / "checkpoint_final.pth").is_file()
+    assert torch.load(out / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 1
+    r = _cls(cls_env, "--mode", "finetune", "--c", "--epochs", "2")
+    assert "continuing from" in r.stderr
+    assert torch.load(out / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 2
+    _cls(cls_env, "--mode", "linear", "--n-train", "4", "-f", "1")
+    lin = cls_env["root"] / "res" / "Dataset803_SynthCTFattyLiver" / f"ClsLinearProbe__{plans}" / "fold_1_n4"
+    summary = _check_outputs(lin, 2)
+    assert len(summary["train_cases"]) == 4 and len(list((lin / "embeddings").glob("*.npy"))) == 6
+
+
+def test_bad_labels_one_line_no_traceback(cls_env, tmp_path):
+    bad = tmp_path / "cases.csv"
+    bad.write_text("case_id,label\nliver_0000,1\nnot_a_case,0\n")
+    r = _cls(cls_env, "--labels", bad, ok=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(lines) == 1 and str(bad) in lines[0] and "not_a_case" in lines[0]
+
+
+def test_classifier_training_loss_falls(cls_env):
+    from ssl3d.training.finetuning.classification import build_classifier, classifier_param_groups
+
+    arch = json.loads((cls_env["results"] / "ssl_method.json").read_text())["downstream_architecture"]
+    torch.manual_seed(0)
+    net = build_classifier(arch, 1, 2, (16, 32, 32))
+    groups = classifier_param_groups(net, 0.0, encoder_lr_factor=0.5, layer_decay=0.8)
+    assert {g["lr_factor"] for g in groups} >= {1.0} and min(g["lr_factor"] for g in groups) < 0.5
+    for g in groups:
+        g["lr"] = 1e-2 * g["lr_factor"]
+    opt = torch.optim.AdamW(groups)
+    y = torch.tensor([0, 1, 0, 1])
+    x = torch.randn(4, 1, 16, 32, 32)
+    x[1::2, :, 4:12, 8:24, 8:24] += 3.0  # a bright block (instance norms remove plain intensity offsets)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
