@@ -7,6 +7,15 @@ few-shot subsets, predicts a fixed held-out test set that no arm trains on (``--
 labeled cases) and scores it with nnU-Net's evaluation. Writes ``results.json``, ``results.md`` and
 ``label_efficiency.png`` to ``-o``. A killed run resumes where it stopped (each step's result is written last);
 a failed arm is reported with its log and the others go on.
+
+``ssl_benchmark --task cls -u 801 -l 803 -m spark --scratch --linear --fractions 1 0.5 0.25 0.1 0.05 --seeds 5``
+is the same curve for case classification (Wolf et al.'s protocol: label fractions 100/50/25/10/5 %, 5 seeds,
+mean ± sd): each method is pretrained once exactly as above, then every method (fine-tuned, and linear-probed
+with ``--linear``) and ``--scratch`` × label fraction × seed runs ``ssl_finetune_cls`` (class labels from the
+dataset.json's ssl3d_case_labels or ``--labels cases.csv``). Every arm scores the held-out cases of stratified
+fold ``-f``; the seed draws only the (nested, stratified) label budget, the initialisation and the data order.
+Tables of AUC and balanced accuracy (mean ± sd (seeds), paired difference to scratch with a 95 % interval) and
+AUC vs label fraction in ``label_efficiency.png``.
 """
 from __future__ import annotations
 
@@ -19,6 +28,10 @@ from ssl3d.evaluation.protocol import PRESETS
 from ssl3d.training.methods import available_methods
 from ssl3d.utils import BadInputError
 
+SEG_ONLY = {"n_train": "--n-train", "test": "--test", "test_fraction": "--test-fraction", "cka": "--cka",
+            "warmup": "--warmup", "optimizer": "--optimizer"}
+CLS_ONLY = {"fractions": "--fractions", "linear": "--linear", "labels": "--labels", "f": "-f", "l2": "--l2"}
+
 logger = logging.getLogger("ssl3d")
 
 
@@ -26,25 +39,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssl_benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-u", required=True, metavar="POOL", help="preprocessed unlabeled pool (id or name)")
-    p.add_argument("-l", required=True, metavar="DATASET", help="labeled nnU-Net raw dataset (id or name)")
+    p.add_argument("--task", choices=["seg", "cls"], default="seg",
+                   help="seg: nnU-Net segmentation arms (default); cls: case classification arms (ssl_finetune_cls)")
+    p.add_argument("-l", required=True, metavar="DATASET",
+                   help="labeled nnU-Net raw dataset (id or name; for cls also a path), with case labels for cls")
     p.add_argument("-m", nargs="+", required=True, choices=sorted(available_methods()), metavar="METHOD",
                    help=f"methods: {', '.join(sorted(available_methods()))}")
     p.add_argument("-o", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("-p", nargs="*", default=[], metavar="METHOD=PATH",
                    help="finished pretraining results to use instead of pretraining")
     p.add_argument("--scratch", action="store_true", help="add the same networks trained from scratch")
-    p.add_argument("--n-train", nargs="+", default=["1", "2", "all"], help="labeled training cases per arm")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per (method, label count)")
-    p.add_argument("--test", default=None, help="held-out test set: raw dataset folder or folder with images/labels")
-    p.add_argument("--test-fraction", type=float, default=1 / 3,
-                   help="without --test: fraction of labeled cases held out (seeded, at least one)")
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    p.add_argument("--n-train", nargs="+", default=None, help="seg: labeled training cases per arm (default 1 2 all)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per (method, label count | fraction) (default 2 for seg, 5 for cls)")
+    p.add_argument("--test", default=None,
+                   help="seg: held-out test set: raw dataset folder or folder with images/labels")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="seg, without --test: fraction of labeled cases held out (seeded, at least one; default 1/3)")
+    c = p.add_argument_group("classification (--task cls)")
+    c.add_argument("--fractions", type=float, nargs="+", default=None,
+                   help="label budgets as fractions of the fold's training cases (default 1 0.5 0.25 0.1 0.05)")
+    c.add_argument("--linear", action="store_true", help="also a linear probe on the frozen encoder per method")
+    c.add_argument("--labels", default=None, help="CSV 'case_id,label' (default: dataset.json ssl3d_case_labels)")
+    c.add_argument("-f", type=int, default=None, help="stratified fold whose held-out cases are scored (default 0)")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS),
+                   help="small: tiny networks, short schedules (CPU); paper: planned networks, full schedules (GPU)")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
     p.add_argument("-np", type=int, default=2, help="processes for nnU-Net's preprocessing")
     g = p.add_argument_group("preset overrides")
     for key, kind in (("pretrain_epochs", int), ("pretrain_iters", int), ("ft_epochs", int), ("ft_iters", int),
                       ("ft_lr", float), ("encoder_lr_factor", float)):
         g.add_argument("--" + key.replace("_", "-"), type=kind, default=None, dest=key)
+    g.add_argument("--l2", type=float, default=None, help="cls, linear probe: L2 penalty of the logistic regression")
     g.add_argument("--size", default=None, help="architecture preset of the methods (tiny, planned/S, ...)")
     g.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
     g.add_argument("--warmup", choices=["linear", "decoder"], default=None)
@@ -73,15 +99,24 @@ def _run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise BadInputError(None, "CUDA is not available; use -device cpu")
+    other = CLS_ONLY if args.task == "seg" else SEG_ONLY  # an option of the other task would be ignored silently
+    given = [flag for key, flag in other.items() if getattr(args, key) is not None and getattr(args, key) is not False]
+    if given:
+        raise BadInputError(None, f"{given[0]} does not apply to --task {args.task}")
+    if args.seeds is not None and args.seeds < 1:
+        raise BadInputError(None, "--seeds must be at least 1")
     overrides = {k: getattr(args, k) for k in ("pretrain_epochs", "pretrain_iters", "ft_epochs", "ft_iters", "ft_lr",
                                                "encoder_lr_factor", "size", "patch_size", "warmup",
-                                               "optimizer")}
+                                               "optimizer", "l2")}
     cfg = BenchmarkConfig(pool=args.u, labeled=args.l, methods=list(args.m), output=Path(args.o),
-                          scratch=args.scratch, n_train=list(args.n_train), seeds=args.seeds, preset=args.preset,
+                          scratch=args.scratch, n_train=list(args.n_train or ["1", "2", "all"]),
+                          seeds=args.seeds or (5 if args.task == "cls" else 2), preset=args.preset,
                           device=args.device, test=Path(args.test) if args.test else None,
-                          test_fraction=args.test_fraction, pretrained=_pretrained(args.p),
-                          num_processes=args.np, overrides=overrides, cka=args.cka,
-                          progress=not args.no_progress)
+                          test_fraction=1 / 3 if args.test_fraction is None else args.test_fraction,
+                          pretrained=_pretrained(args.p), num_processes=args.np, overrides=overrides, cka=args.cka,
+                          progress=not args.no_progress, task=args.task,
+                          fractions=list(args.fractions or [1.0, 0.5, 0.25, 0.1, 0.05]), linear=args.linear,
+                          labels_csv=Path(args.labels) if args.labels else None, fold=args.f or 0)
     summary = run_benchmark(cfg)
     logger.info("%s", (Path(args.o) / "results.md").read_text())
     logger.info("results: %s (results.json, results.md, label_efficiency.png)", args.o)

@@ -1,5 +1,6 @@
-"""What a label-efficiency benchmark runs: presets, arms (method | scratch × label count × seed), the held-out
-test set and the few-shot subsets, all decided before anything trains."""
+"""What a label-efficiency benchmark runs: presets, arms (method | scratch × label count × seed; for classification
+method/mode | scratch × label fraction × seed), the held-out test set and the few-shot subsets, all decided
+before anything trains."""
 from __future__ import annotations
 
 import math
@@ -25,6 +26,20 @@ PRESETS: dict[str, dict] = {
               "ft_epochs": 1000, "ft_iters": 250, "ft_val_iters": 50, "ft_batch": 2, "tta": True, "ft_lr": None,
               "encoder_lr_factor": 1.0, "warmup": "linear", "optimizer": "auto"},
 }
+
+# the keys of a preset that pretraining reads (shared by both tasks)
+PRETRAIN_KEYS = ("size", "patch_size", "pretrain_epochs", "pretrain_iters", "pretrain_batch")
+# classification fine-tuning (``--task cls``), merged over the pretraining keys of the preset of the same name.
+# small: the seg preset's reasoning (AdamW 1e-3, a tiny network learns in a few hundred steps): 20 × 10
+# iterations; paper: the planned network, 50 × 250 AdamW iterations at ssl_finetune_cls's default 1e-4.
+# Neither schedule was tuned on data.
+CLS_PRESETS: dict[str, dict] = {
+    "small": {"ft_epochs": 20, "ft_iters": 10, "ft_lr": 1e-3, "ft_batch": 2, "encoder_lr_factor": 1.0, "l2": 1e-2,
+              "val_fraction": 0.2},
+    "paper": {"ft_epochs": 50, "ft_iters": 250, "ft_lr": 1e-4, "ft_batch": 2, "encoder_lr_factor": 1.0, "l2": 1e-2,
+              "val_fraction": 0.2},
+}
+CLS_MODES = ("finetune", "linear")  # per method; scratch is its own arm
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,17 @@ def scratch_label(base: str, bases: Sequence[str]) -> str:
     return f"{SCRATCH} ({(get_method_spec(base).downstream or base).rsplit('.', 1)[-1]})"
 
 
+def scratch_bases(methods: Sequence[str]) -> list[str]:
+    """The first method of each distinct downstream network: whose plans each scratch baseline uses."""
+    bases, seen = [], set()
+    for m in methods:
+        net = get_method_spec(m).downstream
+        if net not in seen:
+            seen.add(net)
+            bases.append(m)
+    return bases
+
+
 def plan_arms(methods: Sequence[str], scratch: bool, n_train: Sequence[str], seeds: Sequence[int],
               n_trainable: int) -> list[Arm]:
     """Every arm, seed-major so that a partial run already holds complete comparisons. One scratch arm per
@@ -67,13 +93,7 @@ def plan_arms(methods: Sequence[str], scratch: bool, n_train: Sequence[str], see
             raise BadInputError(None, f"--n-train {k}: only {n_trainable} labeled cases can be trained on "
                                       f"(the rest is the held-out test set)")
         counts.append((n, str(k)))
-    bases = []
-    seen = set()
-    for m in methods:
-        net = get_method_spec(m).downstream
-        if net not in seen:
-            seen.add(net)
-            bases.append(m)
+    bases = scratch_bases(methods)
     arms = []
     for seed in seeds:
         for n, label in counts:
@@ -141,5 +161,47 @@ def training_cases(split: HeldOutSplit, arm: Arm) -> list[str]:
     return few_shot_subset(split.trainable, 0, None if arm.n_label == "all" else arm.n_train, None, arm.seed)
 
 
-def arm_record(arm: Arm) -> dict:
+def arm_record(arm: Arm | ClsArm) -> dict:
     return asdict(arm) | {"id": arm.id}
+
+
+@dataclass(frozen=True)
+class ClsArm:
+    """One classification run: ``method`` a registered method (``mode`` finetune or linear) or ``scratch``
+    (mode scratch; ``base``'s plans and downstream network, randomly initialised); ``fraction`` of the fold's
+    training cases as label budget."""
+
+    method: str
+    base: str
+    mode: str
+    fraction: float
+    seed: int
+
+    @property
+    def id(self) -> str:
+        who = f"{SCRATCH}-{self.base}" if self.scratch else self.method + ("" if self.mode == "finetune"
+                                                                           else f"-{self.mode}")
+        return f"{who}__f{self.fraction:g}__s{self.seed}"
+
+    @property
+    def scratch(self) -> bool:
+        return self.method == SCRATCH
+
+
+def plan_cls_arms(methods: Sequence[str], scratch: bool, linear: bool, fractions: Sequence[float],
+                  seeds: Sequence[int]) -> list[ClsArm]:
+    """Every classification arm, seed-major (a partial run already holds complete comparisons): per method
+    fine-tuning (and a linear probe with ``linear``), one scratch arm per distinct downstream network."""
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise BadInputError(None, f"--fractions {bad[0]:g}: a label fraction must be in (0, 1]")
+    if len(set(fractions)) != len(fractions):
+        raise BadInputError(None, "--fractions: each fraction once")
+    bases = scratch_bases(methods)
+    modes = CLS_MODES if linear else CLS_MODES[:1]
+    arms = []
+    for seed in seeds:
+        for f in sorted(fractions, reverse=True):
+            arms += [ClsArm(SCRATCH, b, "scratch", float(f), seed) for b in bases] if scratch else []
+            arms += [ClsArm(m, m, mode, float(f), seed) for m in methods for mode in modes]
+    return arms

@@ -1,10 +1,16 @@
 """Benchmark outputs: ``results.json`` (every arm), ``results.md`` (mean ± sd over seeds, paired difference to
-scratch with a 95 % interval) and ``label_efficiency.png`` (Dice vs labeled cases, log-x, sd bands)."""
+scratch with a 95 % interval) and ``label_efficiency.png`` (Dice vs labeled cases, or for classification AUC vs
+label fraction; log-x, sd bands).
+
+Both tasks share one data shape, ``curves[label][x] = cell`` (x: labeled cases or label fraction; a cell maps a
+metric name to ``{seed: value}``), and the table rows and plot lines built on it."""
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from ssl3d.evaluation.protocol import SCRATCH, scratch_label
 from ssl3d.evaluation.stats import paired_difference, summarize
@@ -13,6 +19,31 @@ from ssl3d.utils import atomic_write, save_figure, write_json
 
 def curve_label(arm: dict, methods: list[str]) -> str:
     return scratch_label(arm["base"], methods) if arm["method"] == SCRATCH else arm["method"]
+
+
+def curve_order(curves: dict) -> list[str]:
+    """Scratch baselines first, then the methods alphabetically."""
+    return sorted(curves, key=lambda k: (not k.startswith(SCRATCH), k))
+
+
+def curve_rows(curves: dict, baseline: dict, xs: list, value: Callable[[dict], dict], with_n: bool = False) -> list[str]:
+    """Markdown rows: per curve mean ± sd over seeds at each x (``with_n``: and the number of seeds), and below a
+    curve with a baseline the paired difference to it (same seeds) with a 95 % t interval over seeds."""
+    lines = []
+    for label in curve_order(curves):
+        cur = curves[label]
+        row = [_fmt_summary(summarize(list(value(cur[x]).values())), with_n) if x in cur else "–" for x in xs]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+        if label in baseline and baseline[label] in curves:
+            base = curves[baseline[label]]
+            diff = [paired_difference(value(cur[x]), value(base[x])).fmt() if x in cur and x in base else "–"
+                    for x in xs]
+            lines.append(f"| Δ {label} − {baseline[label]} | " + " | ".join(diff) + " |")
+    return lines
+
+
+def _fmt_summary(s, with_n: bool) -> str:
+    return s.fmt() + (f" ({s.n})" if with_n and s.n else "")
 
 
 def aggregate(results: list[dict], methods: list[str]) -> dict:
@@ -39,16 +70,8 @@ def markdown_table(agg: dict, n_trainable: int, n_test: int, setting: dict) -> s
              f"interval over seeds. Fine-tuning: {setting['ft_epochs']}×{setting['ft_iters']} iterations per arm "
              f"(batch {setting['ft_batch']}); pretraining: see below.", "", head,
              "|---|" + "---|" * len(counts)]
-    order = sorted(curves, key=lambda k: (not k.startswith(SCRATCH), k))
-    for label in order:
-        row = [summarize(list(curves[label][n]["mean_dice"].values())).fmt() if n in curves[label] else "–"
-               for n in counts]
-        lines.append(f"| {label} | " + " | ".join(row) + " |")
-        if label in baseline and baseline[label] in curves:
-            base = curves[baseline[label]]
-            diff = [paired_difference(curves[label][n]["mean_dice"], base[n]["mean_dice"]).fmt()
-                    if n in curves[label] and n in base else "–" for n in counts]
-            lines.append(f"| Δ {label} − {baseline[label]} | " + " | ".join(diff) + " |")
+    order = curve_order(curves)
+    lines += curve_rows(curves, baseline, counts, lambda cell: cell["mean_dice"])
     classes = sorted({c for cur in curves.values() for cell in cur.values() for c in cell["dice"]})
     if classes:
         lines += ["", "Per-class Dice (mean ± sd over seeds):", "",
@@ -76,7 +99,7 @@ def plot(agg: dict, path: Path, title: str) -> None:
         fig = plt.figure(figsize=(5 + 2.6 * ncols, max(4.2, 2.3 * nrows)))
         grid = fig.add_gridspec(nrows, 1 + ncols, width_ratios=[2.2] + [1] * ncols)
         main = fig.add_subplot(grid[:, 0])
-        colors = {label: f"C{i}" for i, label in enumerate(sorted(curves, key=lambda k: (not k.startswith(SCRATCH), k)))}
+        colors = {label: f"C{i}" for i, label in enumerate(curve_order(curves))}
         for label, cur in curves.items():
             _line(main, cur, lambda cell: cell["mean_dice"], label, colors[label])
         _axes(main, "mean foreground Dice", curves)
@@ -101,13 +124,14 @@ def _line(ax, cur: dict, values, label, color) -> None:
                     lw=0)
 
 
-def _axes(ax, ylabel: str, curves: dict) -> None:
+def _axes(ax, ylabel: str, curves: dict, xlabel: str = "labeled training cases",
+          xfmt: Callable[[float], str] = str) -> None:
     ns = sorted({n for c in curves.values() for n in c})
     ax.set_xscale("log")
     ax.set_xticks(ns)
-    ax.set_xticklabels([str(n) for n in ns])
+    ax.set_xticklabels([xfmt(n) for n in ns])
     ax.minorticks_off()
-    ax.set_xlabel("labeled training cases")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(-0.02, 1.0)
     ax.grid(alpha=0.3)
@@ -132,9 +156,22 @@ def pretraining_table(pretraining: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _cell_summary(cell: dict) -> dict:
-    s = summarize(list(cell["mean_dice"].values()))
-    return {"mean": s.mean, "sd": s.sd, "seeds": len(cell["mean_dice"])}
+def _cell_summary(cell: dict, metric: str = "mean_dice") -> dict:
+    s = summarize(list(cell[metric].values()))
+    return {"mean": s.mean, "sd": s.sd, "seeds": len(cell[metric])}
+
+
+def _pretraining_md(pretraining: dict) -> str:
+    if not pretraining:
+        return ""
+    return ("\nPretraining (reconstruction of masked voxels on held-out pool cases; baseline = each masked voxel "
+            "filled with the mean of the visible ones):\n\n" + pretraining_table(pretraining))
+
+
+def _failures_md(failures: list[dict]) -> str:
+    if not failures:
+        return ""
+    return "\nFailed steps (see their logs):\n\n" + "\n".join(f"- {f['step']}: {f['error']}" for f in failures) + "\n"
 
 
 def write_reports(out: Path, results: list[dict], failures: list[dict], pretraining: dict, methods: list[str],
@@ -147,15 +184,94 @@ def write_reports(out: Path, results: list[dict], failures: list[dict], pretrain
     if cka is not None:
         summary["cka"] = cka
     write_json(out / "results.json", summary)
-    md = markdown_table(agg, n_trainable, n_test, setting)
-    if pretraining:
-        md += ("\nPretraining (reconstruction of masked voxels on held-out pool cases; baseline = each masked voxel "
-               "filled with the mean of the visible ones):\n\n" + pretraining_table(pretraining))
+    md = markdown_table(agg, n_trainable, n_test, setting) + _pretraining_md(pretraining)
     if cka:
         md += "\nFeature reuse (linear CKA, pretrained vs fine-tuned encoder, mean over seeds): see cka.png / cka.json\n"
-    if failures:
-        md += "\nFailed steps (see their logs):\n\n" + "\n".join(f"- {f['step']}: {f['error']}" for f in failures) + "\n"
+    md += _failures_md(failures)
     atomic_write(out / "results.md", lambda f: f.write(md), mode="w")
     if results:
         plot(agg, out / "label_efficiency.png", f"label efficiency, {n_test} test case(s)")
+    return summary
+
+
+# ---- classification (``--task cls``) -----------------------------------------------------------------------------
+CLS_METRICS = {"auc": "AUC", "balanced_accuracy": "balanced accuracy"}
+
+
+def cls_curve_label(arm: dict, methods: list[str]) -> str:
+    if arm["method"] == SCRATCH:
+        return scratch_label(arm["base"], methods)
+    return arm["method"] + ("" if arm["mode"] == "finetune" else f" ({arm['mode']})")
+
+
+def aggregate_cls(results: list[dict], methods: list[str]) -> dict:
+    """{label: {fraction: {metric: {seed: v}}}} and the scratch label each method/mode is compared with."""
+    curves: dict = defaultdict(lambda: defaultdict(lambda: {m: {} for m in CLS_METRICS}))
+    baseline = {}
+    for r in results:
+        label = cls_curve_label(r, methods)
+        cell = curves[label][float(r["fraction"])]
+        for m in CLS_METRICS:
+            cell[m][int(r["seed"])] = float(r[m]) if r.get(m) is not None else float("nan")
+        if r["method"] != SCRATCH:
+            baseline[label] = scratch_label(r["base"], methods)
+    return {"curves": curves, "baseline": baseline}
+
+
+def _percent(f: float) -> str:
+    return f"{100 * f:g} %"
+
+
+def cls_markdown(agg: dict, n_train: int, n_test: int, setting: dict) -> str:
+    curves, baseline = agg["curves"], agg["baseline"]
+    fractions = sorted({f for c in curves.values() for f in c}, reverse=True)
+    head = "| method | " + " | ".join(f"{_percent(f)} ({int(round(f * n_train))} cases)" for f in fractions) + " |"
+    lines = [f"Classification of {n_test} held-out case(s) (the fold's test cases, the same for every arm), label "
+             f"budget = fraction of the fold's {n_train} training cases (stratified, nested per seed). Cells: mean ± "
+             f"sd over seeds (number of seeds); below each method its paired difference to scratch (same seeds, same "
+             f"budget cases) with a 95 % t interval over seeds. Fine-tuning: {setting['ft_epochs']}×"
+             f"{setting['ft_iters']} iterations per arm (batch {setting['ft_batch']}); linear: logistic regression "
+             f"on frozen-encoder embeddings."]
+    for metric, name in CLS_METRICS.items():
+        lines += ["", f"{name}:", "", head, "|---|" + "---|" * len(fractions)]
+        lines += curve_rows(curves, baseline, fractions, lambda cell, m=metric: cell[m], with_n=True)
+    return "\n".join(lines) + "\n"
+
+
+def plot_cls(agg: dict, path: Path, title: str) -> None:
+    """AUC vs label fraction (log-x), one line per method/mode with a ±sd band; chance at 0.5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = agg["curves"]
+    with matplotlib.rc_context({"font.size": 9}):
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for i, label in enumerate(curve_order(curves)):
+            _line(ax, curves[label], lambda cell: cell["auc"], label, f"C{i}")
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        _axes(ax, "AUC (held-out cases)", curves, "label fraction of the fold's training cases", _percent)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="best")
+        save_figure(fig, path, dpi=110)
+
+
+def write_cls_reports(out: Path, results: list[dict], failures: list[dict], pretraining: dict, methods: list[str],
+                      n_train: int, n_test: int, setting: dict) -> dict:
+    agg = aggregate_cls(results, list(methods))
+    curves, baseline = agg["curves"], agg["baseline"]
+    diffs = {m: {label: {f"{f:g}": asdict(paired_difference(cur[f][m], curves[baseline[label]][f][m]))
+                         for f in cur if f in curves[baseline[label]]}
+                 for label, cur in curves.items() if baseline.get(label) in curves} for m in CLS_METRICS}
+    summary = {"task": "cls", "arms": sorted(results, key=lambda r: r["id"]), "failures": failures,
+               "pretraining": pretraining, "n_train": n_train, "n_test": n_test, "setting": setting,
+               "summary": {m: {label: {f"{f:g}": _cell_summary(c, m) for f, c in cur.items()}
+                               for label, cur in curves.items()} for m in CLS_METRICS},
+               "difference_to_scratch": diffs}
+    write_json(out / "results.json", summary)
+    md = cls_markdown(agg, n_train, n_test, setting) + _pretraining_md(pretraining) + _failures_md(failures)
+    atomic_write(out / "results.md", lambda f: f.write(md), mode="w")
+    if results:
+        plot_cls(agg, out / "label_efficiency.png", f"label efficiency (classification), {n_test} test case(s)")
     return summary

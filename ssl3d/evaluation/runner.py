@@ -1,5 +1,7 @@
 """``run_benchmark``: pretrain each method once, fine-tune every arm with stock nnU-Net, predict the held-out test
-set, score with nnU-Net's evaluation. Every step is a resumable unit whose result file is written last.
+set, score with nnU-Net's evaluation (``task="seg"``); or classify with ``ssl_finetune_cls`` per arm and score the
+fold's held-out cases (``task="cls"``, :class:`ClsBenchmark`). Every step is a resumable unit whose result file is
+written last.
 
 Isolation: everything lives under the output folder. The pool's preprocessed dataset is linked into
 ``<out>/nnUNet_preprocessed`` (read only); the labeled dataset is planned and preprocessed there with a split
@@ -15,12 +17,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ssl3d.evaluation.protocol import PRESETS, Arm, HeldOutSplit, arm_record, plan_arms, split_test, training_cases
-from ssl3d.evaluation.report import write_reports
+from ssl3d.data.case_labels import fold_split, label_subset, read_case_labels
+from ssl3d.data.readers import discover_inputs, find_raw_dataset
+from ssl3d.evaluation.protocol import (CLS_PRESETS, PRESETS, PRETRAIN_KEYS, Arm, ClsArm, HeldOutSplit, arm_record,
+                                       plan_arms, plan_cls_arms, split_test, training_cases)
+from ssl3d.evaluation.report import write_cls_reports, write_reports
 from ssl3d.inference.nnunet_bridge import nnunet_dataset_name, run_nnunet
 from ssl3d.preprocessing.pipeline import find_preprocessed_dataset
 from ssl3d.training.methods import get_method_spec
-from ssl3d.utils import BadInputError, env_dir, read_json, write_json
+from ssl3d.utils import DEFAULT_SEED, BadInputError, env_dir, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +48,34 @@ class BenchmarkConfig:
     overrides: dict = field(default_factory=dict)  # preset keys set on the command line
     cka: bool = False  # feature reuse: linear CKA pretrained vs fine-tuned encoder per stage
     progress: bool = True
+    task: str = "seg"  # seg: nnU-Net segmentation arms; cls: ssl_finetune_cls arms
+    fractions: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.1, 0.05])  # cls label budgets
+    linear: bool = False  # cls: a linear probe arm per method next to fine-tuning
+    labels_csv: Path | None = None  # cls: case labels (default: the dataset.json's ssl3d_case_labels)
+    fold: int = 0  # cls: the stratified fold whose held-out cases every arm scores
 
     def setting(self) -> dict:
         if self.preset not in PRESETS:
             raise BadInputError(None, f"unknown preset '{self.preset}' ({', '.join(PRESETS)})")
-        return {**PRESETS[self.preset], **{k: v for k, v in self.overrides.items() if v is not None}}
+        base = PRESETS[self.preset]
+        if self.task == "cls":  # pretraining exactly as for seg; the fine-tuning keys are classification's
+            base = {k: base[k] for k in PRETRAIN_KEYS} | CLS_PRESETS[self.preset]
+        return {**base, **{k: v for k, v in self.overrides.items() if v is not None}}
 
 
 class Benchmark:
     def __init__(self, cfg: BenchmarkConfig):
+        self._setup(cfg)
+        self.labeled = nnunet_dataset_name(cfg.labeled)
+        self.raw_labeled = self.raw / self.labeled
+        max_n = max((int(k) for k in cfg.n_train if str(k) != "all"), default=1)
+        self.split: HeldOutSplit = split_test(self.raw_labeled, Path(cfg.test) if cfg.test else None,
+                                           cfg.test_fraction, max_n)
+        self.arms = plan_arms(cfg.methods, cfg.scratch, cfg.n_train, range(cfg.seeds), len(self.split.trainable))
+
+    # ---- set-up ------------------------------------------------------------------------------------------
+    def _setup(self, cfg: BenchmarkConfig) -> None:
+        """What both tasks share: settings, nnU-Net folders, known methods, the pool and the child environment."""
         self.cfg = cfg
         self.s = cfg.setting()
         self.out = Path(cfg.output).resolve()
@@ -59,28 +83,26 @@ class Benchmark:
         pre = env_dir("nnUNet_preprocessed")
         if raw is None or pre is None:
             raise BadInputError(None, "set nnUNet_raw and nnUNet_preprocessed")
+        self.raw = raw
         for m in list(cfg.methods) + list(cfg.pretrained):
             get_method_spec(m)  # unknown methods fail before anything runs
-        self.labeled = nnunet_dataset_name(cfg.labeled)
-        self.raw_labeled = raw / self.labeled
         self.pool_dir = find_preprocessed_dataset(cfg.pool, pre)
         if not (self.pool_dir / "ssl3dPlans.json").is_file():
             raise BadInputError(self.pool_dir, "no ssl3d plans here (run ssl_plan_and_preprocess)")
         self.pre_root = self.out / "nnUNet_preprocessed"
         self.env = {"nnUNet_preprocessed": str(self.pre_root), "nnUNet_raw": str(raw),
                     "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "1"), "nnUNet_compile": "false"}
-        max_n = max((int(k) for k in cfg.n_train if str(k) != "all"), default=1)
-        self.split: HeldOutSplit = split_test(self.raw_labeled, Path(cfg.test) if cfg.test else None,
-                                           cfg.test_fraction, max_n)
-        self.arms = plan_arms(cfg.methods, cfg.scratch, cfg.n_train, range(cfg.seeds), len(self.split.trainable))
 
-    # ---- set-up ------------------------------------------------------------------------------------------
-    def prepare(self) -> None:
+    def link_pool(self) -> None:
+        """The pool, read only, inside the benchmark's own nnUNet_preprocessed (pretraining reads it there)."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.pre_root.mkdir(exist_ok=True)
         link = self.pre_root / self.pool_dir.name
         if not link.exists():
             link.symlink_to(self.pool_dir, target_is_directory=True)
+
+    def prepare(self) -> None:
+        self.link_pool()
         test_dir = self.out / "test"
         for kind in ("images", "labels"):
             (test_dir / kind).mkdir(parents=True, exist_ok=True)
@@ -193,6 +215,14 @@ class Benchmark:
     # ---- everything --------------------------------------------------------------------------------------
     def run(self) -> dict:
         self.prepare()
+        results, failures, pre = self.run_steps()
+        cka = self.feature_reuse(results, pre) if self.cfg.cka else None
+        return write_reports(self.out, results, failures, pre, self.cfg.methods,
+                             len(self.split.trainable), len(self.split.test_labels), self.s, cka)
+
+    def run_steps(self) -> tuple[list[dict], list[dict], dict]:
+        """Pretrain each method once, then run every arm (``self.run_arm``) under one progress bar; a failed
+        step is recorded with its error and the others go on. Returns results, failures, pretraining infos."""
         methods = sorted({a.base for a in self.arms})
         total = len(methods) + len(self.arms)
         results, failures, pre = [], [], {}
@@ -216,9 +246,7 @@ class Benchmark:
                         failures.append({"step": arm.id, "error": str(e)})
                         logger.error("%s", e)
                 bar.update(1)
-        cka = self.feature_reuse(results, pre) if self.cfg.cka else None
-        return write_reports(self.out, results, failures, pre, self.cfg.methods,
-                             len(self.split.trainable), len(self.split.test_labels), self.s, cka)
+        return results, failures, pre
 
     def feature_reuse(self, results: list[dict], pre: dict) -> list[dict]:
         from ssl3d.evaluation.report import curve_label
@@ -235,8 +263,93 @@ class BenchmarkStepError(RuntimeError):
     """One step failed; the benchmark records it with its log and goes on with the other arms."""
 
 
+class ClsBenchmark(Benchmark):
+    """Classification arms: each runs ``ssl_finetune_cls`` as a subprocess (a crash of one arm cannot take the
+    others down) into its own ``nnUNet_results``; pretraining is the segmentation benchmark's own step.
+
+    Every arm scores the same cases: the held-out cases of stratified fold ``cfg.fold``, which
+    ``run_classification`` draws with the fixed default seed; the arm's seed only draws its label budget (a
+    nested, stratified prefix of the fold's training cases), initialisation and data order."""
+
+    def __init__(self, cfg: BenchmarkConfig):
+        self._setup(cfg)
+        self.raw_labeled = find_raw_dataset(str(cfg.labeled))
+        self.labeled = self.raw_labeled.name
+        cases, _ = discover_inputs([str(self.raw_labeled)])
+        self.labels, self.class_names = read_case_labels(self.raw_labeled / "dataset.json",
+                                                         [c.case_id for c in cases], cfg.labels_csv)
+        self.train, self.test = fold_split(self.labels, cfg.fold, DEFAULT_SEED)  # as run_classification splits
+        self.arms = plan_cls_arms(cfg.methods, cfg.scratch, cfg.linear, cfg.fractions, range(cfg.seeds))
+        self.budgets: dict[tuple[float, int], list[str]] = {}
+        for a in self.arms:  # every budget is checked before anything trains
+            try:
+                self.budgets[(a.fraction, a.seed)] = label_subset(self.labels, self.train, a.seed,
+                                                                  fraction=a.fraction)
+            except BadInputError as e:
+                raise BadInputError(None, f"--fractions {a.fraction:g}: {e.problem}") from None
+
+    def prepare(self) -> None:
+        self.link_pool()
+        write_json(self.out / "protocol.json", {
+            "task": "cls", "config": _jsonable(self.cfg), "setting": self.s, "labeled_dataset": self.labeled,
+            "pool": self.pool_dir.name, "fold": self.cfg.fold, "classes": self.class_names, "train": self.train,
+            "test": self.test,
+            "arms": [arm_record(a) | {"budget_cases": self.budgets[(a.fraction, a.seed)]} for a in self.arms]})
+
+    def run_arm(self, arm: ClsArm, pretrained: dict) -> dict:
+        folder = self.out / "arms" / arm.id
+        done = folder / "result.json"
+        if done.is_file():
+            return read_json(done)
+        folder.mkdir(parents=True, exist_ok=True)
+        log, res_root = folder / "run.log", folder / "nnUNet_results"
+        t0 = time.time()
+        if not _cls_result_files(res_root):  # else the arm finished but the benchmark was killed before noting it
+            s = self.s
+            cmd = ["ssl_finetune_cls", "-d", str(self.raw_labeled), "-p", pretrained["results"], "-f",
+                   str(self.cfg.fold), "--mode", arm.mode, "-device", self.cfg.device, "--epochs", str(s["ft_epochs"]),
+                   "--iters", str(s["ft_iters"]), "--lr", str(s["ft_lr"]), "--batch-size", str(s["ft_batch"]),
+                   "--encoder-lr-factor", str(s["encoder_lr_factor"]), "--l2", str(s["l2"]),
+                   "--val-fraction", str(s["val_fraction"]), "--fraction", repr(arm.fraction), "--seed",
+                   str(arm.seed), "-np", str(self.cfg.num_processes), "--no-progress"]
+            cmd += ["--labels", str(Path(self.cfg.labels_csv).resolve())] if self.cfg.labels_csv else []
+            cmd += [] if arm.mode == "linear" else ["--c"]  # a killed arm continues from its latest checkpoint
+            rc = run_nnunet(cmd, log_file=log, env_overrides={**self.env, "nnUNet_results": str(res_root)})
+            if rc != 0:
+                raise BenchmarkStepError(f"classification {arm.id} failed (exit {rc}); see {log}")
+        found = _cls_result_files(res_root)
+        if len(found) != 1:
+            raise BenchmarkStepError(f"classification {arm.id}: expected one cls_results.json, found {len(found)}; "
+                                     f"see {log}")
+        r = read_json(found[0])
+        budget = self.budgets[(arm.fraction, arm.seed)]
+        if sorted(r["test_cases"]) != sorted(self.test) or r["n_budget"] != len(budget):
+            raise BenchmarkStepError(f"classification {arm.id} scored other cases or another budget than planned")
+        m = r["metrics"]
+        result = {**arm_record(arm), "status": "ok", **{k: m[k] for k in ("auc", "balanced_accuracy", "accuracy",
+                                                                          "macro_f1", "f1_per_class",
+                                                                          "confusion_matrix")},
+                  "n_budget": r["n_budget"], "train_cases": r["train_cases"], "val_cases": r["val_cases"],
+                  "test_cases": r["test_cases"], "output_folder": r["output_folder"],
+                  "wall_s": round(time.time() - t0, 1), "log": str(log)}
+        write_json(done, result)
+        return result
+
+    def run(self) -> dict:
+        self.prepare()
+        results, failures, pre = self.run_steps()
+        return write_cls_reports(self.out, results, failures, pre, self.cfg.methods, len(self.train),
+                                 len(self.test), self.s)
+
+
+def _cls_result_files(res_root: Path) -> list[Path]:
+    return sorted(res_root.glob("*/*/fold_*/cls_results.json")) if res_root.is_dir() else []
+
+
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
-    return Benchmark(cfg).run()
+    if cfg.task not in ("seg", "cls"):
+        raise BadInputError(None, f"unknown task '{cfg.task}' (seg, cls)")
+    return (ClsBenchmark if cfg.task == "cls" else Benchmark)(cfg).run()
 
 
 def _link(dst: Path, src: Path) -> None:
