@@ -47,7 +47,7 @@ def _arm(method, mode, fraction, seed, auc, bacc):
 
 def test_cls_report_cells_differences_and_plot(tmp_path):
     results = []
-    for seed, (sc, sp, lin) in enumerate([(0.6, 0.7, 0.5), (0.5, 0.8, 0.4), (0.7, 0.9, 0.6)]):
+    for seed, (sc, sp, lin) in enumerate([(0.6, 0.8, 0.5), (0.5, 0.75, 0.4), (0.7, 0.85, 0.6)]):
         results += [_arm("scratch", "scratch", 1.0, seed, sc, 0.5), _arm("spark", "finetune", 1.0, seed, sp, 0.75),
                     _arm("spark", "linear", 1.0, seed, lin, 0.5)]
         results += [_arm("scratch", "scratch", 0.1, seed, 0.5, 0.5), _arm("spark", "finetune", 0.1, seed, 0.6, 0.5)]
@@ -55,11 +55,12 @@ def test_cls_report_cells_differences_and_plot(tmp_path):
     summary = write_cls_reports(tmp_path, results, [], {}, ["spark"], 20, 5, setting)
     md = (tmp_path / "results.md").read_text()
     assert "| method | 100 % (20 cases) | 10 % (2 cases) |" in md
-    # spark AUC at 100 %: 0.7, 0.8, 0.9 -> 0.800 ± 0.100 over 3 seeds; at 10 %: 0.6 constant
-    assert "| spark | 0.800 ± 0.100 (3) | 0.600 ± 0.000 (3) |" in md
+    # spark AUC at 100 %: 0.8, 0.75, 0.85 -> 0.800 ± 0.050 over 3 seeds; at 10 %: 0.6 constant
+    assert "| spark | 0.800 ± 0.050 (3) | 0.600 ± 0.000 (3) |" in md
     assert "| scratch | 0.600 ± 0.100 (3) | 0.500 ± 0.000 (3) |" in md
-    # paired differences: spark − scratch = 0.1, 0.3, 0.2 (positive); linear − scratch = −0.1 each
-    assert "| Δ spark − scratch | +0.200 [" in md and "| Δ spark (linear) − scratch | -0.100 [-0.100, -0.100] | – |" in md
+    # paired differences: spark − scratch = 0.2, 0.25, 0.15: mean 0.2, sd 0.05, t(0.975, 2) = 4.3027 -> ± 0.124;
+    # linear − scratch = −0.1 each
+    assert "| Δ spark − scratch | +0.200 [+0.076, +0.324] | +0.100 [+0.100, +0.100] |" in md and "| Δ spark (linear) − scratch | -0.100 [-0.100, -0.100] | – |" in md
     assert "balanced accuracy:" in md and "| spark | 0.750 ± 0.000 (3) |" in md
     d = summary["difference_to_scratch"]["auc"]
     assert math.isclose(d["spark"]["1"]["mean"], 0.2) and d["spark"]["1"]["low"] > 0, "CI excludes 0"
