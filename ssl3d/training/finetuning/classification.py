@@ -45,6 +45,7 @@ from ssl3d.training.export import transfer_encoder
 from ssl3d.training.finetuning.cls_metrics import auc
 from ssl3d.training.optim import WarmupCosine, optimizer_step, param_groups
 from ssl3d.training.seeding import derive_seed, seed_everything
+from ssl3d.training.stepwise import StepwiseScheduleMixin
 from ssl3d.utils import DEFAULT_SEED, BadInputError
 
 MODES = ("finetune", "scratch", "linear")
@@ -145,7 +146,7 @@ def sliding_window_logits(fn: Callable[[torch.Tensor], torch.Tensor], image: np.
     return total / count
 
 
-class SSLClassificationTrainer(CheckpointExtrasMixin, nnUNetTrainer):
+class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, nnUNetTrainer):
     mode = "finetune"
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
@@ -245,17 +246,6 @@ class SSLClassificationTrainer(CheckpointExtrasMixin, nnUNetTrainer):
         return torch.stack(out).numpy() if out else np.zeros((0, len(self.class_names)), np.float32)
 
     # ---- hooks ---------------------------------------------------------------------------------------------
-    def on_train_epoch_start(self):
-        self.network.train()
-        self.global_step = self.current_epoch * self.num_iterations_per_epoch
-        lr = self.lr_scheduler.step(self.global_step)
-        self.print_to_log_file("")
-        self.print_to_log_file(f"Epoch {self.current_epoch}")
-        self.print_to_log_file(f"Current learning rate: {lr:.3g}")
-        self.logger.log("lrs", lr, self.current_epoch)
-        self._bar = tqdm(total=self.num_iterations_per_epoch, desc=f"epoch {self.current_epoch}", unit="it",
-                         disable=not self.show_progress, leave=False)
-
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = torch.tensor([self.case_labels[k] for k in batch["keys"]], device=self.device)
@@ -263,18 +253,12 @@ class SSLClassificationTrainer(CheckpointExtrasMixin, nnUNetTrainer):
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             loss = self.loss(self.network(data).float(), target)
         optimizer_step(loss, self.optimizer, self.network.parameters(), self.grad_clip, self.grad_scaler)
-        self.global_step += 1
-        self.lr_scheduler.step(self.global_step)
         value = loss.detach().cpu().numpy()
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{float(value):.4f}")
+        self.advance_step(float(value))
         return {"loss": value}
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self.close_bar()
         super().on_train_epoch_end(train_outputs)
 
     def on_validation_epoch_start(self):

@@ -23,7 +23,6 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from torch import autocast
 from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -37,12 +36,13 @@ from ssl3d.training.optim import WarmupCosine, optimizer_step, param_groups
 from ssl3d.training.pretraining.previews import save_reconstruction_preview
 from ssl3d.training.pretraining.views import TwoViewDataLoader, contrastive_view_transforms
 from ssl3d.training.seeding import derive_seed, seed_everything, worker_seeds
+from ssl3d.training.stepwise import StepwiseScheduleMixin
 from ssl3d.utils import DEFAULT_SEED, unwrap_network, write_json
 
 COLLAPSE_STD = 1e-3  # per-dimension std of L2-normalized embeddings; ~1/sqrt(dim) when spread, 0 when collapsed
 
 
-class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
+class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, nnUNetTrainer):
     """Runs the registered method ``method_name``; options are attributes set after construction (nnU-Net
     convention). Registry methods get a named subclass each from :func:`pretrainer_class`."""
 
@@ -204,17 +204,6 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
         except NotImplementedError:
             return None
 
-    def on_train_epoch_start(self):
-        self.network.train()
-        self.global_step = self.current_epoch * self.num_iterations_per_epoch
-        lr = self.lr_scheduler.step(self.global_step)
-        self.print_to_log_file("")
-        self.print_to_log_file(f"Epoch {self.current_epoch}")
-        self.print_to_log_file(f"Current learning rate: {lr:.3g}")
-        self.logger.log("lrs", lr, self.current_epoch)
-        self._bar = tqdm(total=self.num_iterations_per_epoch, desc=f"epoch {self.current_epoch}", unit="it",
-                         disable=not self.show_progress or self.local_rank != 0, leave=False)
-
     def trained_parameters(self):
         """Everything the optimizer steps (clipped together)."""
         return self.network.parameters()
@@ -236,12 +225,8 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
             loss = self.compute_loss(data, visible, self._generator(4, self.global_step))
         optimizer_step(loss, self.optimizer, self.trained_parameters(), self.grad_clip, self.grad_scaler)
         self.after_optimizer_step()
-        self.global_step += 1
-        self.lr_scheduler.step(self.global_step)
         value = loss.detach().cpu().numpy()
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{float(value):.4f}")
+        self.advance_step(float(value))
         return {"loss": value, **self.ssl_method.stats}
 
     def after_optimizer_step(self) -> None:
@@ -249,9 +234,7 @@ class SSLPretrainer(CheckpointExtrasMixin, nnUNetTrainer):
         self.ssl_method.after_optimizer_step()
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self.close_bar()
         self.log_method_stats(train_outputs)
         super().on_train_epoch_end([{"loss": o["loss"]} for o in train_outputs])
 
