@@ -26,7 +26,8 @@ def curve_order(curves: dict) -> list[str]:
     return sorted(curves, key=lambda k: (not k.startswith(SCRATCH), k))
 
 
-def curve_rows(curves: dict, baseline: dict, xs: list, value: Callable[[dict], dict], with_n: bool = False) -> list[str]:
+def curve_rows(curves: dict, baseline: dict, xs: list, value: Callable[[dict], dict],
+               with_n: bool = False) -> list[str]:
     """Markdown rows: per curve mean ± sd over seeds at each x (``with_n``: and the number of seeds), and below a
     curve with a baseline the paired difference to it (same seeds) with a 95 % t interval over seeds."""
     lines = []
