@@ -47,7 +47,8 @@ def worker(args: argparse.Namespace) -> dict:
         kwargs["backend"] = args.backend
     model = build_method(args.method, {}, cfg, 1, **kwargs).to(dev)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
-    x = torch.randn(args.batch, 1, *model.data_patch_size, device=dev)
+    views = (2,) if model.n_views == 2 else ()  # contrastive methods get two views per case from the loader
+    x = torch.randn(args.batch, *views, 1, *model.data_patch_size, device=dev)
     ratio = args.ratio if args.ratio is not None else (spec.mask_ratio or 0.75)
     g = torch.Generator().manual_seed(0)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
