@@ -49,7 +49,7 @@ def worker(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
     views = (2,) if model.n_views == 2 else ()  # contrastive methods get two views per case from the loader
     x = torch.randn(args.batch, *views, 1, *model.data_patch_size, device=dev)
-    ratio = args.ratio if args.ratio is not None else (spec.mask_ratio or 0.75)
+    ratio = args.ratio if args.ratio is not None else (0.75 if spec.mask_ratio is None else spec.mask_ratio)
     g = torch.Generator().manual_seed(0)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if dev.type == "cuda":
