@@ -121,7 +121,7 @@ def test_short_run_learns_without_collapse(method):
         loss.backward()
         opt.step()
         m.after_optimizer_step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         stds.append(m.stats[f"{method}_embedding_std"])
     start = 10 if method == "mocov2" else 0  # queue (64) full of real keys after 8 steps of 8 keys
     assert sum(losses[-8:]) / 8 < 0.95 * sum(losses[start:start + 5]) / 5, losses
