@@ -125,8 +125,12 @@ class ProjectionHead(nn.Module):
         """L2-normalized bottleneck embedding (what the collapse guard watches)."""
         return F.normalize(self.mlp(x), dim=-1)
 
+    def logits(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Prototype logits of an embedding from :meth:`embed` (so a caller that needs both runs the MLP once)."""
+        return F.linear(embedding, F.normalize(self.prototypes, dim=-1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.embed(x), F.normalize(self.prototypes, dim=-1))
+        return self.logits(self.embed(x))
 
 
 class Centering(nn.Module):

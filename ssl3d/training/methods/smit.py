@@ -127,7 +127,7 @@ class SMIT3D(SSLMethod):
             token_masked = F.adaptive_avg_pool3d(voxel_masked.float(), s_feats[-1].shape[2:]).flatten(1)
         local = distillation_cross_entropy(s_local, t_local, self.local_center.center, t_temp, s_temp, token_masked)
         s_embed = self.student["global_head"].embed(s_tokens.mean(1))
-        s_global = self.student["global_head"](s_tokens.mean(1))
+        s_global = self.student["global_head"].logits(s_embed)
         swapped = torch.cat([t_global[b:], t_global[:b]])  # view 1 learns from the teacher's view 2 and back
         glob = distillation_cross_entropy(s_global, swapped, self.global_center.center, t_temp, s_temp)
         loss = self.opts["mip_weight"] * mip + self.opts["local_weight"] * local + self.opts["global_weight"] * glob
@@ -166,7 +166,8 @@ SIZE_DEFAULTS = {"tiny": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 
 
 
 # SMIT: AdamW; 70 % of 16³ cells masked; teacher 0.996 -> 1. lr 1e-4 at batch 2 scaled with the batch (DINO practice)
-@register_method("smit", "SMIT: Swin student + EMA teacher; masked image prediction, iBOT local + DINO global distillation",
+@register_method("smit",
+                 "SMIT: Swin student + EMA teacher; masked image prediction, iBOT local + DINO global distillation",
                  trainer_name="SMITPretrainer", downstream="ssl3d.architectures.swin.SwinUNETRNet", transformer=True,
                  single_output=True, mask_ratio=0.7,
                  tiny={"size": "tiny", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16},
