@@ -1,15 +1,15 @@
 """What every SSL method provides.
 
-A method is an ``nn.Module`` that owns its encoder, decoder and loss; ``registry`` declares it by name. The trainer draws the mask (boolean,
-True = visible, one grid per sample) with :meth:`SSLMethod.random_mask` and passes it explicitly to
-``forward(x, visible, generator) -> loss``; nothing is kept in globals. Methods that draw more randomness
-(second views, nested crops, masks of other levels) draw it from ``generator`` (seeded per step by the
-trainer, so runs and resumes are reproducible). ``x`` is a crop of ``data_patch_size`` (the network's
-``patch_size`` unless a method samples views from a larger region); ``input_view`` is the deterministic view
-of such a crop that ``reconstruct`` works on. ``set_progress`` / ``after_optimizer_step`` serve schedules and
-EMA teachers; ``stats`` holds detached diagnostics of the last forward (collapse guards). ``reconstruct``
-gives image-space predictions for previews, ``downstream_state_dict`` the encoder weights under the
-downstream network's key names.
+A method is an ``nn.Module`` that owns its encoder, decoder and loss; ``registry`` declares it by name. The
+trainer draws the mask (boolean, True = visible, one grid per sample) with :meth:`SSLMethod.random_mask` and
+passes it explicitly to ``forward(x, visible, generator) -> loss``; nothing is kept in globals. Methods that
+draw more randomness (second views, nested crops, masks of other levels) draw it from ``generator`` (seeded per
+step by the trainer, so runs and resumes are reproducible). ``x`` is a crop of ``data_patch_size`` (the
+network's ``patch_size`` unless a method samples views from a larger region); ``input_view`` is the
+deterministic view of such a crop that ``reconstruct`` works on. ``set_progress`` / ``after_optimizer_step``
+serve schedules and EMA teachers; ``stats`` holds detached diagnostics of the last forward (collapse guards).
+``reconstruct`` gives image-space predictions for previews, ``downstream_state_dict`` the encoder weights under
+the downstream network's key names.
 """
 from __future__ import annotations
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from ssl3d.architectures.from_plans import scaled_architecture
-from ssl3d.training.distillation import ema_momentum, ema_update, frozen_copy, projection_mlp
+from ssl3d.training.distillation import ema_momentum, projection_mlp
 from ssl3d.training.losses import negative_cosine
 from ssl3d.training.methods.registry import OptimDefaults, register_method
 from ssl3d.training.methods.twoview import TwoViewMethod
@@ -26,7 +25,7 @@ class BYOL3D(TwoViewMethod):
         self.momentum = momentum
         self.projector = projection_mlp(self.width, proj_hidden, proj_dim)
         self.predictor = projection_mlp(proj_dim, proj_hidden, proj_dim)
-        self.target = frozen_copy(nn.ModuleDict({"encoder": self.encoder, "projector": self.projector}))
+        self.target = self.make_teacher()
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -41,8 +40,7 @@ class BYOL3D(TwoViewMethod):
         return loss
 
     def after_optimizer_step(self) -> None:
-        ema_update(self.target, nn.ModuleDict({"encoder": self.encoder, "projector": self.projector}),
-                   ema_momentum(self.step, self.total_steps, self.momentum))
+        self.update_teacher(self.target, ema_momentum(self.step, self.total_steps, self.momentum))
 
     def config(self) -> dict:
         return {**super().config(), "momentum": self.momentum}

@@ -10,10 +10,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ssl3d.architectures.from_plans import scaled_architecture
-from ssl3d.training.distillation import ema_update, frozen_copy, gather_no_grad, projection_mlp
+from ssl3d.training.distillation import gather_no_grad, projection_mlp
 from ssl3d.training.methods.registry import OptimDefaults, register_method
 from ssl3d.training.methods.twoview import TwoViewMethod
 
@@ -26,7 +25,7 @@ class MoCoV2(TwoViewMethod):
         super().__init__(architecture, in_channels, patch_size)
         self.temperature, self.momentum = temperature, momentum
         self.projector = projection_mlp(self.width, proj_hidden, proj_dim)
-        self.key_encoder = frozen_copy(nn.ModuleDict({"encoder": self.encoder, "projector": self.projector}))
+        self.key_encoder = self.make_teacher()
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -61,8 +60,7 @@ class MoCoV2(TwoViewMethod):
         return (l1 + l2) / 2
 
     def after_optimizer_step(self) -> None:
-        ema_update(self.key_encoder, nn.ModuleDict({"encoder": self.encoder, "projector": self.projector}),
-                   self.momentum)
+        self.update_teacher(self.key_encoder, self.momentum)
 
     def config(self) -> dict:
         return {**super().config(), "queue_size": int(self.queue.shape[0]), "temperature": self.temperature,

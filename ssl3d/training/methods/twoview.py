@@ -4,18 +4,19 @@ The encoder is the planned ResEnc encoder (``ResidualEncoderUNet(...).encoder`` 
 nnU-Net fine-tunes the downstream ``ResidualEncoderUNet`` with these weights under the same ``encoder.*`` keys
 as SparK's. The embedding of a crop is the global average and the global maximum of the deepest stage,
 concatenated: the encoder's stages end in instance normalization, which fixes every channel's mean per sample,
-so the average alone carries little that tells two images apart (BYOL and MoCo collapsed with it in tests). Methods with ``n_views = 2``
-receive ``x (B, 2, C, *patch)`` from the two-view loader; there is no image reconstruction and no mask (the
-trainer's mask is ignored).
+so the average alone carries little that tells two images apart (BYOL and MoCo collapsed with it in tests).
+Methods with ``n_views = 2`` receive ``x (B, 2, C, *patch)`` from the two-view loader; there is no image
+reconstruction and no mask (the trainer's mask is ignored).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from ssl3d.architectures.from_plans import build_network_from_plans
-from ssl3d.training.distillation import alignment_uniformity, embedding_std
+from ssl3d.training.distillation import alignment_uniformity, ema_update, embedding_std, frozen_copy
 from ssl3d.training.methods.base import SSLMethod
 
 
@@ -34,6 +35,18 @@ class TwoViewMethod(SSLMethod):
         """Global average and maximum of the deepest stage of ``encoder`` (default: the student's): ``(B, 2·C)``."""
         deepest = (encoder or self.encoder)(x)[-1]
         return torch.cat([deepest.mean((2, 3, 4)), deepest.amax((2, 3, 4))], 1)
+
+    def _online(self) -> nn.ModuleDict:
+        # built on demand: an attribute would register the encoder twice in the state_dict
+        return nn.ModuleDict({"encoder": self.encoder, "projector": self.projector})
+
+    def make_teacher(self) -> nn.ModuleDict:
+        """Frozen copy of the student's encoder and projector (``encoder`` / ``projector`` keys), for an EMA."""
+        return frozen_copy(self._online())
+
+    def update_teacher(self, teacher: nn.ModuleDict, momentum: float) -> None:
+        """``teacher <- momentum * teacher + (1 - momentum) * student`` (encoder and projector)."""
+        ema_update(teacher, self._online(), momentum)
 
     @staticmethod
     def split_views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl3d.architectures.from_plans import scaled_architecture
-from ssl3d.training.distillation import ema_momentum, ema_update, embedding_std, frozen_copy, projection_mlp
+from ssl3d.training.distillation import ema_momentum, embedding_std, projection_mlp
 from ssl3d.training.methods.registry import OptimDefaults, register_method
 from ssl3d.training.methods.twoview import TwoViewMethod
 
@@ -55,7 +55,7 @@ class VoCo3D(TwoViewMethod):
                      "neg_weight": neg_weight, "reg_weight": reg_weight}
         self.data_patch_size = tuple(g * p for g, p in zip(self.base_grid, self.patch_size))
         self.projector = projection_mlp(self.width, proj_hidden, proj_dim)
-        self.teacher = frozen_copy(nn.ModuleDict({"encoder": self.encoder, "projector": self.projector}))
+        self.teacher = self.make_teacher()
 
     def input_view(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, :, : self.patch_size[0], : self.patch_size[1], : self.patch_size[2]]
@@ -108,8 +108,7 @@ class VoCo3D(TwoViewMethod):
         return loss
 
     def after_optimizer_step(self) -> None:
-        ema_update(self.teacher, nn.ModuleDict({"encoder": self.encoder, "projector": self.projector}),
-                   ema_momentum(self.step, self.total_steps, self.opts["momentum"]))
+        self.update_teacher(self.teacher, ema_momentum(self.step, self.total_steps, self.opts["momentum"]))
 
     def config(self) -> dict:
         return {**super().config(), **self.opts, "data_patch_size": list(self.data_patch_size)}
