@@ -161,12 +161,19 @@ class Benchmark:
         return info
 
     # ---- one arm -----------------------------------------------------------------------------------------
-    def run_arm(self, arm: Arm, pretrained: dict) -> dict:
+    def run_arm(self, arm: Arm | ClsArm, pretrained: dict) -> dict:
+        """One arm, run once: a finished arm's ``result.json`` is read back, so a rerun resumes arm by arm."""
         folder = self.out / "arms" / arm.id
         done = folder / "result.json"
         if done.is_file():
             return read_json(done)
         folder.mkdir(parents=True, exist_ok=True)
+        result = {**arm_record(arm), "status": "ok", **self.train_and_score(arm, pretrained, folder)}
+        write_json(done, result)
+        return result
+
+    def train_and_score(self, arm: Arm, pretrained: dict, folder: Path) -> dict:
+        """Fine-tune with ``ssl_finetune``, predict the test cases with stock ``nnUNetv2_predict``, score them."""
         log = folder / "run.log"
         s = self.s
         env = {**self.env, "nnUNet_results": str(folder / "nnUNet_results")}
@@ -192,11 +199,8 @@ class Benchmark:
             raise BenchmarkStepError(f"prediction {arm.id} failed; see {log}")
         t2 = time.time()
         scores = self.evaluate(pred)
-        result = {**arm_record(arm), "status": "ok", "train_cases": training_cases(self.split, arm),
-                  "plans": plans, **scores, "finetune_s": round(t1 - t0, 1), "predict_s": round(t2 - t1, 1),
-                  "log": str(log)}
-        write_json(done, result)
-        return result
+        return {"train_cases": training_cases(self.split, arm), "plans": plans, **scores,
+                "finetune_s": round(t1 - t0, 1), "predict_s": round(t2 - t1, 1), "log": str(log)}
 
     def evaluate(self, pred: Path) -> dict:
         """Per-class Dice (and IoU) on the test cases with nnU-Net's own evaluation."""
@@ -296,12 +300,8 @@ class ClsBenchmark(Benchmark):
             "test": self.test,
             "arms": [arm_record(a) | {"budget_cases": self.budgets[(a.fraction, a.seed)]} for a in self.arms]})
 
-    def run_arm(self, arm: ClsArm, pretrained: dict) -> dict:
-        folder = self.out / "arms" / arm.id
-        done = folder / "result.json"
-        if done.is_file():
-            return read_json(done)
-        folder.mkdir(parents=True, exist_ok=True)
+    def train_and_score(self, arm: ClsArm, pretrained: dict, folder: Path) -> dict:
+        """Train (or probe) with ``ssl_finetune_cls`` and read back its scores of the fold's held-out cases."""
         log, res_root = folder / "run.log", folder / "nnUNet_results"
         t0 = time.time()
         if not _cls_result_files(res_root):  # else the arm finished but the benchmark was killed before noting it
@@ -326,14 +326,10 @@ class ClsBenchmark(Benchmark):
         if sorted(r["test_cases"]) != sorted(self.test) or r["n_budget"] != len(budget):
             raise BenchmarkStepError(f"classification {arm.id} scored other cases or another budget than planned")
         m = r["metrics"]
-        result = {**arm_record(arm), "status": "ok", **{k: m[k] for k in ("auc", "balanced_accuracy", "accuracy",
-                                                                          "macro_f1", "f1_per_class",
-                                                                          "confusion_matrix")},
-                  "n_budget": r["n_budget"], "train_cases": r["train_cases"], "val_cases": r["val_cases"],
-                  "test_cases": r["test_cases"], "output_folder": r["output_folder"],
-                  "wall_s": round(time.time() - t0, 1), "log": str(log)}
-        write_json(done, result)
-        return result
+        metrics = ("auc", "balanced_accuracy", "accuracy", "macro_f1", "f1_per_class", "confusion_matrix")
+        return {**{k: m[k] for k in metrics}, "n_budget": r["n_budget"], "train_cases": r["train_cases"],
+                "val_cases": r["val_cases"], "test_cases": r["test_cases"], "output_folder": r["output_folder"],
+                "wall_s": round(time.time() - t0, 1), "log": str(log)}
 
     def run(self) -> dict:
         self.prepare()
