@@ -46,6 +46,7 @@ from ssl3d.training.finetuning.cls_metrics import auc
 from ssl3d.training.optim import WarmupCosine, optimizer_step, param_groups
 from ssl3d.training.seeding import derive_seed, seed_everything
 from ssl3d.training.stepwise import StepwiseScheduleMixin
+from ssl3d.training.trainer_init import TrainerInitMixin
 from ssl3d.utils import DEFAULT_SEED, BadInputError
 
 MODES = ("finetune", "scratch", "linear")
@@ -139,20 +140,19 @@ def sliding_window_logits(fn: Callable[[torch.Tensor], torch.Tensor], image: np.
     starts = [(z, y, xx) for z in steps[0] for y in steps[1] for xx in steps[2]]
     total, count = None, 0
     for i in range(0, len(starts), batch):
-        tiles = torch.stack([x[:, z:z + patch[0], y:y + patch[1], xx:xx + patch[2]] for z, y, xx in starts[i:i + batch]])
+        tiles = torch.stack([x[:, z:z + patch[0], y:y + patch[1], xx:xx + patch[2]]
+                             for z, y, xx in starts[i:i + batch]])
         out = fn(tiles.to(device)).float().cpu()
         total = out.sum(0) if total is None else total + out.sum(0)
         count += out.shape[0]
     return total / count
 
 
-class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, nnUNetTrainer):
+class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, TrainerInitMixin, nnUNetTrainer):
     mode = "finetune"
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        plans = dict(plans)
-        plans.setdefault("continue_training", False)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.case_labels: dict[str, int] = {}
         self.class_names: list[str] = []

@@ -21,6 +21,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from ssl3d.training.methods import spec_for_network
 from ssl3d.training.seeding import derive_seed, seed_everything, seeded_nnunet_augmenters
+from ssl3d.training.trainer_init import TrainerInitMixin
 from ssl3d.utils import DEFAULT_SEED, unwrap_network
 
 
@@ -56,13 +57,10 @@ class WarmupPoly:
             g["lr"] = lr * g.get("lr_factor", 1.0)
 
 
-class SSLFinetuneTrainer(nnUNetTrainer):
+class SSLFinetuneTrainer(TrainerInitMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.is_ddp and device.type == "cpu":  # nnU-Net assumes NCCL on CUDA; gloo on CPU stays on CPU
-            self.device = device
-            self.grad_scaler = None
         self.ft = dict(self.configuration_manager.configuration.get("ssl3d_finetune", {}))
         self.num_epochs = int(self.ft.get("num_epochs", self.num_epochs))
         self.num_iterations_per_epoch = int(self.ft.get("num_iterations_per_epoch", self.num_iterations_per_epoch))

@@ -37,12 +37,13 @@ from ssl3d.training.pretraining.previews import save_reconstruction_preview
 from ssl3d.training.pretraining.views import TwoViewDataLoader, contrastive_view_transforms
 from ssl3d.training.seeding import derive_seed, seed_everything, worker_seeds
 from ssl3d.training.stepwise import StepwiseScheduleMixin
+from ssl3d.training.trainer_init import TrainerInitMixin
 from ssl3d.utils import DEFAULT_SEED, unwrap_network, write_json
 
 COLLAPSE_STD = 1e-3  # per-dimension std of L2-normalized embeddings; ~1/sqrt(dim) when spread, 0 when collapsed
 
 
-class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, nnUNetTrainer):
+class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, TrainerInitMixin, nnUNetTrainer):
     """Runs the registered method ``method_name``; options are attributes set after construction (nnU-Net
     convention). Registry methods get a named subclass each from :func:`pretrainer_class`."""
 
@@ -50,12 +51,7 @@ class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, nnUNetTrainer)
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        plans = dict(plans)
-        plans.setdefault("continue_training", False)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.is_ddp and device.type == "cpu":  # nnU-Net assumes NCCL on CUDA; gloo on CPU stays on CPU
-            self.device = device
-            self.grad_scaler = None
         optim = self.method_spec.optim
         ssl = self.configuration_manager.configuration.get("ssl3d", {})
         # the method's paper ratio (MiM 60 %, SMIT 70 %) unless it has none; ssl_pretrain --mask-ratio overrides
