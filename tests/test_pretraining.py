@@ -141,7 +141,8 @@ def test_resume_continues_from_saved_epoch(tiny_pool, results_env, tmp_path):
 
 
 @pytest.mark.parametrize("method,trainer_name", [("mim", "MiMPretrainer"), ("smit", "SMITPretrainer"),
-                                                 ("mocov2", "MoCoV2Pretrainer")])
+                                                 ("mocov2", "MoCoV2Pretrainer"), ("simclr", "SimCLRPretrainer"),
+                                                 ("byol", "BYOLPretrainer"), ("voco", "VoCoPretrainer")])
 def test_resume_restores_teacher_centers_and_mask_tokens(tiny_pool, results_env, tmp_path, monkeypatch, method,
                                                           trainer_name):
     """``--c``: the whole method state comes back exactly (SMIT: EMA teacher, DINO centers, mask token; MiM: region
@@ -164,13 +165,16 @@ def test_resume_restores_teacher_centers_and_mask_tokens(tiny_pool, results_env,
         assert int(saved["queue_ptr"]) > 0 and torch.equal(state["queue"], saved["queue"])
     if method == "smit":
         assert {"global_center.center", "local_center.center", "mask_token"} <= set(saved)
-        teacher = {k: v for k, v in state.items() if k.startswith("teacher.")}
-        moved = [k for k, v in teacher.items() if not torch.equal(v, state["student." + k[len("teacher."):]])]
+    ema = {"smit": ("teacher.", "student."), "byol": ("target.", ""), "voco": ("teacher.", "")}
+    if method in ema:  # the restored teacher is the EMA that was saved, not a fresh copy of the student
+        t, s = ema[method]
+        teacher = {k: v for k, v in state.items() if k.startswith(t)}
+        moved = [k for k, v in teacher.items() if not torch.equal(v, state[s + k[len(t):]])]
         assert teacher and moved, "the teacher is an EMA, not a copy of the student"
 
 
 @pytest.mark.parametrize("method,port", [("mae", 29533), ("mim", 29534), ("smit", 29535), ("mocov2", 29536),
-                                         ("byol", 29537)])
+                                         ("byol", 29537), ("simclr", 29538), ("voco", 29539)])
 def test_ddp_gloo_two_ranks_keep_parameters_identical(tiny_pool, results_env, tmp_path, method, port):
     """Student, EMA teacher, centers and mask tokens stay identical on both ranks (parameters and buffers)."""
     out = tmp_path / "ddp.json"
