@@ -132,7 +132,10 @@ def test_finetune_resume_and_linear(cls_env):
     _cls(cls_env, "--mode", "linear", "--n-train", "4", "-f", "1")
     lin = cls_env["root"] / "res" / "Dataset803_SynthCTFattyLiver" / f"ClsLinearProbe__{plans}" / "fold_1_n4"
     summary = _check_outputs(lin, 2)
-    assert len(summary["train_cases"]) == 4 and len(list((lin / "embeddings").glob("*.npy"))) == 6
+    assert len(summary["train_cases"]) == 4 and len(list((lin.parent / "embeddings").glob("*/*.npy"))) == 6
+    r = _cls(cls_env, "--mode", "linear", "--n-train", "6", "-f", "1", "-v")  # embeds only the 2 new cases
+    assert r.stderr.count("embedded ") == 2, r.stderr[-2000:]
+    assert len(list((lin.parent / "embeddings").glob("*/*.npy"))) == 8
 
 
 def test_bad_labels_one_line_no_traceback(cls_env, tmp_path):

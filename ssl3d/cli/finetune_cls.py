@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-balanced", action="store_true", help="inverse-frequency class weights in the loss")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--l2", type=float, default=1e-2, help="linear mode: L2 penalty of the logistic regression")
+    p.add_argument("--embedding-cache", default=None,
+                   help="linear mode: folder of cached case embeddings, shared by probes of the same encoder "
+                        "(default: embeddings/ next to the fold folders)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the label budget used for selection")
     shots = p.add_mutually_exclusive_group()
     shots.add_argument("--n-train", type=int, default=None, help="label budget: N cases of the fold (stratified)")
@@ -53,7 +56,7 @@ def _run(a: argparse.Namespace) -> int:
         lr=a.lr, batch_size=a.batch_size, device=a.device, fraction=a.fraction, n_train=a.n_train, seed=a.seed,
         val_fraction=a.val_fraction, encoder_lr_factor=a.encoder_lr_factor, layer_decay=a.layer_decay,
         class_balanced=a.class_balanced, dropout=a.dropout, l2=a.l2, continue_training=a.c, num_processes=a.np,
-        progress=not a.no_progress))
+        progress=not a.no_progress, embedding_cache=a.embedding_cache))
     return 0
 
 

@@ -11,7 +11,9 @@ held-out scoring. :func:`run_classification` is what ``ssl_finetune_cls`` (and a
   none) validates (model selection), the rest trains. Only the fold's held-out cases are scored.
 * ``linear``: the frozen pretrained encoder embeds every budget and held-out case (``embed_image``: sliding
   window, image-weighted global average of the deepest map), an L2-regularised logistic regression is fitted on
-  the budget cases; no network training. Embeddings are cached per case (resumable).
+  the budget cases; no network training. Embeddings are cached per case (resumable) in
+  ``<Trainer>__<plans>__3d_fullres/embeddings/<encoder+plans hash>/`` (or ``embedding_cache``), shared by every
+  fold, budget and seed of that encoder.
 * Outputs in ``$nnUNet_results/<Dataset>/<Trainer>__<plans>__3d_fullres/fold_<K>[_n<budget>][_s<seed>]/``:
   ``predictions.csv`` (case_id, true, predicted, p_<class>...), ``metrics.json``, ``confusion_matrix.png``,
   ``cls_results.json`` (options, cases, metrics) and the trainer's checkpoints / ``linear_probe.pth``.
@@ -19,7 +21,9 @@ held-out scoring. :func:`run_classification` is what ``ssl_finetune_cls`` (and a
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass
@@ -73,6 +77,7 @@ class ClsOptions:
     num_processes: int = 1
     progress: bool = True
     pretrain_fold: str = "0"
+    embedding_cache: str | None = None  # linear mode; default: ``embeddings/`` next to the fold folders
 
 
 def _validation_split(labels: dict[str, int], budget: list[str], fraction: float, seed: int) -> tuple[list, list]:
@@ -166,10 +171,11 @@ def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
 
 def _linear_probe(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
     out = p["results_root"] / p["raw"].name / f"{LINEAR_TRAINER}__{p['plans_name']}__{CONFIGURATION}" / f"fold_{p['tag']}"
-    cache = out / "embeddings"
+    # a case's embedding depends on the encoder and the preprocessing only, not on fold, budget or seed: every
+    # probe of the same encoder shares one cache, in a subfolder per (checkpoint, plans) so nothing goes stale
     meta = {"checkpoint": str(Path(p["checkpoint"]).resolve()), "plans_hash": plans_hash(p["plans"], CONFIGURATION)}
-    if (cache / "meta.json").is_file() and read_json(cache / "meta.json") != meta:
-        shutil.rmtree(cache)  # another encoder or preprocessing: cached embeddings are stale
+    key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(opts.embedding_cache or out.parent / "embeddings") / key
     write_json(cache / "meta.json", meta)
     encoder = load_encoder(p["folder"], opts.pretrain_fold, opts.device)
     keys = sorted(set(p["budget"]) | set(p["test"]))
@@ -181,6 +187,7 @@ def _linear_probe(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
             continue
         emb[k] = embed_image(encoder, load_preprocessed(p["data_dir"], k))["embedding"]
         atomic_write(f, lambda fh, e=emb[k]: np.save(fh, e))
+        logger.debug("embedded %s -> %s", k, f)
     y = [p["labels"][k] for k in p["budget"]]
     model = fit_logistic_regression(np.stack([emb[k] for k in p["budget"]]), y, len(p["names"]), opts.l2)
     atomic_write(out / "linear_probe.pth", lambda fh: torch.save({**model, "class_names": p["names"],

@@ -313,7 +313,8 @@ class ClsBenchmark(Benchmark):
                    "--val-fraction", str(s["val_fraction"]), "--fraction", repr(arm.fraction), "--seed",
                    str(arm.seed), "-np", str(self.cfg.num_processes), "--no-progress"]
             cmd += ["--labels", str(Path(self.cfg.labels_csv).resolve())] if self.cfg.labels_csv else []
-            cmd += [] if arm.mode == "linear" else ["--c"]  # a killed arm continues from its latest checkpoint
+            # a killed arm continues from its latest checkpoint; probes of one encoder embed each case once
+            cmd += ["--embedding-cache", str(self.out / "embeddings" / arm.method)] if arm.mode == "linear" else ["--c"]
             rc = run_nnunet(cmd, log_file=log, env_overrides={**self.env, "nnUNet_results": str(res_root)})
             if rc != 0:
                 raise BenchmarkStepError(f"classification {arm.id} failed (exit {rc}); see {log}")
