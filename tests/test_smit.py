@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import blob_batch
+from ssl3d.architectures.encoders import DownstreamEncoder
 from ssl3d.architectures.swin import SwinUNETRNet
+from ssl3d.inference.features import encoder_stage_features
 from ssl3d.sparse import upsample_mask
 from ssl3d.training.distillation import (Centering, distillation_cross_entropy, ema_momentum, embedding_std,
                                          teacher_temperature)
@@ -37,7 +39,7 @@ def test_masked_voxels_never_enter_the_student(smit):
     keep = upsample_mask(vis, x.shape[2:])[:, None]
     x2 = torch.where(keep, x, torch.randn_like(x) * 100)
     with torch.no_grad():
-        a, b = smit.student_features(x, vis), smit.student_features(x2, vis)
+        a, b = smit.encode(x, vis), smit.encode(x2, vis)
         rec_a, rec_b = smit.reconstruct(x, vis), smit.reconstruct(x2, vis)
     assert all(torch.equal(u, w) for u, w in zip(a, b))
     assert torch.equal(rec_a * ~keep, rec_b * ~keep), "predictions of masked voxels use visible content only"
@@ -114,3 +116,17 @@ def test_encoder_keys_map_one_to_one_to_swinunetr(smit):
     assert set(sd) == swin_keys
     missing, unexpected = net.load_state_dict(sd, strict=False)
     assert not unexpected and not any(k.startswith("swinViT.") for k in missing)
+
+
+def test_extracted_features_equal_the_downstream_encoder_after_transfer(smit):
+    """Feature extraction, linear probes and CKA read the pretrained method; they must see what the fine-tuned
+    SwinUNETRNet's encoder computes from the transferred weights."""
+    net = SwinUNETRNet(1, 3, **smit.downstream_architecture()["arch_kwargs"]).eval()
+    net.load_state_dict(smit.downstream_state_dict(), strict=False)
+    x = torch.randn(1, 1, *smit.patch_size)
+    with torch.inference_mode():
+        ours, theirs = encoder_stage_features(smit.eval(), x), DownstreamEncoder(net)(x)
+    assert len(ours) == len(theirs) == 5
+    smit.train()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)

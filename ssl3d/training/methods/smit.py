@@ -92,7 +92,8 @@ class SMIT3D(SSLMethod):
         return torch.stack(views)
 
     # ---- networks ----------------------------------------------------------------------------------------------
-    def student_features(self, views: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:
+    def encode(self, views: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:
+        """The student's 5 Swin maps (as SparK's ``encode``: ``visible=None`` is the dense downstream encoder)."""
         return swin_features(self.student["encoder"], views, self.mask_token, visible)
 
     def predict_voxels(self, cell_map: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ class SMIT3D(SSLMethod):
         views = self.random_views(x, generator)
         ratio = float((~visible).float().mean())
         masks = torch.cat([visible, random_cell_mask(b, visible.shape[1:], ratio, generator, visible.device)])
-        s_feats = self.student_features(views, masks)
+        s_feats = self.encode(views, masks)
         with torch.no_grad():
             t_tokens = swin_features(self.teacher["encoder"], views)[-1].flatten(2).transpose(1, 2)
         s_tokens = s_feats[-1].flatten(2).transpose(1, 2)  # (2B, n, D)
@@ -146,7 +147,7 @@ class SMIT3D(SSLMethod):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        pred = self.predict_voxels(self.student_features(x, visible)[_CELL_MAP]).to(x.dtype)
+        pred = self.predict_voxels(self.encode(x, visible)[_CELL_MAP]).to(x.dtype)
         return torch.where(upsample_mask(visible, x.shape[2:])[:, None], x, pred)
 
     # ---- transfer ----------------------------------------------------------------------------------------------
