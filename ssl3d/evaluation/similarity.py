@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ssl3d.architectures.encoders import DownstreamEncoder
 from ssl3d.architectures.from_plans import build_network_from_plans
 from ssl3d.inference.features import encoder_stage_features, load_encoder
 from ssl3d.utils import read_json, save_figure
@@ -94,7 +95,7 @@ def feature_reuse(out: Path, arms: list[dict], pretraining: dict, labeled: str, 
         x = inputs[ident]
         rows.append({"id": arm["id"], "method": arm["method"], "base": base, "n_train": arm["n_train"],
                      "seed": arm["seed"], "cka": stage_cka(encoder_stage_features(enc.method, x),
-                                                           encoder_stage_features(net, x))})
+                                                           DownstreamEncoder(net)(x))})
     return rows
 
 
