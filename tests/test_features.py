@@ -168,6 +168,7 @@ def test_sliding_window_stitches_exactly():
     weight = F.avg_pool3d(F.pad(torch.ones(1, 1, *shape), (0, 3, 0, 0, 0, 3)), 4)[0]
     assert weight.min() < 1 and weight.max() == 1
     torch.testing.assert_close(torch.from_numpy(res["embedding"]), (deep * weight).sum((1, 2, 3)) / weight.sum())
+    torch.testing.assert_close(torch.from_numpy(res["embedding_max"]), deep.amax((1, 2, 3)))
 
 
 def test_mae_stage_features_in_process():

@@ -13,6 +13,16 @@ import torch
 from torch import nn
 
 
+def avg_max_pool(features: torch.Tensor) -> torch.Tensor:
+    """``(B, C, z, y, x) -> (B, 2C)``: global average and global maximum, concatenated.
+
+    The stages of nnU-Net's encoders end in instance normalization, which fixes every channel's mean per sample,
+    so the average alone tells images apart poorly (a classifier on it fits slowly, contrastive embeddings on it
+    collapse); the maximum keeps where a feature fires strongly.
+    """
+    return torch.cat([features.mean((2, 3, 4)), features.amax((2, 3, 4))], 1)
+
+
 def stage_maps(out: Any, owner: str = "encoder") -> list[torch.Tensor]:
     """An encoder's output as a list of ``(B, C, z, y, x)`` maps, finest first (a single map becomes a list)."""
     maps = [out] if isinstance(out, torch.Tensor) else list(out)

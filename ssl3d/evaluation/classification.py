@@ -10,8 +10,8 @@ held-out scoring. :func:`run_classification` is what ``ssl_finetune_cls`` (and a
   from ``seed``; for ``finetune``/``scratch`` a stratified 20 % of the budget (at least one case per class, else
   none) validates (model selection), the rest trains. Only the fold's held-out cases are scored.
 * ``linear``: the frozen pretrained encoder embeds every budget and held-out case (``embed_image``: sliding
-  window, image-weighted global average of the deepest map), an L2-regularised logistic regression is fitted on
-  the budget cases; no network training. Embeddings are cached per case (resumable) in
+  window; image-weighted global average ‖ maximum of the deepest map, as the classifier pools), an
+  L2-regularised logistic regression is fitted on the budget cases; no network training. Embeddings are cached per case (resumable) in
   ``<Trainer>__<plans>__3d_fullres/embeddings/<encoder+plans hash>/`` (or ``embedding_cache``), shared by every
   fold, budget and seed of that encoder.
 * Outputs in ``$nnUNet_results/<Dataset>/<Trainer>__<plans>__3d_fullres/fold_<K>[_n<budget>][_s<seed>]/``:
@@ -170,10 +170,12 @@ def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
 
 
 def _linear_probe(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
-    out = p["results_root"] / p["raw"].name / f"{LINEAR_TRAINER}__{p['plans_name']}__{CONFIGURATION}" / f"fold_{p['tag']}"
+    out = (p["results_root"] / p["raw"].name / f"{LINEAR_TRAINER}__{p['plans_name']}__{CONFIGURATION}" /
+           f"fold_{p['tag']}")
     # a case's embedding depends on the encoder and the preprocessing only, not on fold, budget or seed: every
     # probe of the same encoder shares one cache, in a subfolder per (checkpoint, plans) so nothing goes stale
-    meta = {"checkpoint": str(Path(p["checkpoint"]).resolve()), "plans_hash": plans_hash(p["plans"], CONFIGURATION)}
+    meta = {"checkpoint": str(Path(p["checkpoint"]).resolve()), "plans_hash": plans_hash(p["plans"], CONFIGURATION),
+            "pooling": "avg+max"}
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
     cache = Path(opts.embedding_cache or out.parent / "embeddings") / key
     write_json(cache / "meta.json", meta)
@@ -185,7 +187,8 @@ def _linear_probe(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
         if f.is_file():
             emb[k] = np.load(f)
             continue
-        emb[k] = embed_image(encoder, load_preprocessed(p["data_dir"], k))["embedding"]
+        res = embed_image(encoder, load_preprocessed(p["data_dir"], k))
+        emb[k] = np.concatenate([res["embedding"], res["embedding_max"]])  # as ClassifierNet pools
         atomic_write(f, lambda fh, e=emb[k]: np.save(fh, e))
         logger.debug("embedded %s -> %s", k, f)
     y = [p["labels"][k] for k in p["budget"]]

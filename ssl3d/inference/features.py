@@ -128,8 +128,9 @@ def _window_starts(size: int, tile: int, align: int) -> list[int]:
 def embed_image(encoder: Encoder, image: np.ndarray | torch.Tensor, stages: bool = False) -> dict:
     """Encode one preprocessed ``(C, Z, Y, X)`` image by sliding window.
 
-    Returns ``{"embedding": (C_deep,) float32, "stages": [(C_s, z_s, y_s, x_s) float32, ...] or None}``; the
-    stage maps cover the image (cells that hold any image voxel), stitched from the windows.
+    Returns ``{"embedding": (C_deep,) float32, "embedding_max": (C_deep,) float32, "stages": [(C_s, z_s, y_s,
+    x_s) float32, ...] or None}``: the image-weighted average and the maximum of the stitched deepest map over the
+    cells that hold any image voxel; the stage maps cover those cells.
     """
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))
     if x.dim() != 4 or x.shape[0] != encoder.in_channels:
@@ -160,12 +161,14 @@ def embed_image(encoder: Encoder, image: np.ndarray | torch.Tensor, stages: bool
     valid = F.pad(torch.ones(1, 1, *shape), [v for s, p in zip(reversed(shape), reversed(padded)) for v in (0, p - s)])
     weight = F.avg_pool3d(valid, r, r)[0]
     embedding = (stitched[deep] * weight).sum((1, 2, 3)) / weight.sum()
+    embedding_max = stitched[deep].masked_fill(weight == 0, -math.inf).amax((1, 2, 3))
     out_stages = None
     if stages:
         out_stages = [stitched[i][(slice(None), *(slice(0, math.ceil(s / ri)) for s, ri in
                                                    zip(shape, encoder.stage_strides[i])))].numpy()
                       for i in keep]
-    return {"embedding": embedding.numpy().astype(np.float32), "stages": out_stages, "shape": shape}
+    return {"embedding": embedding.numpy().astype(np.float32),
+            "embedding_max": embedding_max.numpy().astype(np.float32), "stages": out_stages, "shape": shape}
 
 
 def discover_images(folder: str | os.PathLike, n_channels: int) -> list[CaseSource]:

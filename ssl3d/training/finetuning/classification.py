@@ -38,7 +38,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-from ssl3d.architectures.encoders import DownstreamEncoder
+from ssl3d.architectures.encoders import DownstreamEncoder, avg_max_pool
 from ssl3d.architectures.from_plans import build_network_from_plans
 from ssl3d.training.checkpoints import CheckpointExtrasMixin
 from ssl3d.training.export import transfer_encoder
@@ -54,14 +54,16 @@ TILE_STEP = 0.5
 
 
 class ClassifierNet(nn.Module):
+    """Encoder -> global average ‖ maximum of the deepest map -> (dropout) -> linear head."""
+
     def __init__(self, encoder: DownstreamEncoder, channels: int, n_classes: int, dropout: float = 0.0):
         super().__init__()
         self.backbone = encoder
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(channels, n_classes)
+        self.head = nn.Linear(2 * channels, n_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)[-1].mean((2, 3, 4))
+        return avg_max_pool(self.backbone(x)[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.embed(x)))

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ssl3d.architectures.encoders import avg_max_pool
 from ssl3d.architectures.from_plans import build_network_from_plans
 from ssl3d.training.distillation import alignment_uniformity, ema_update, embedding_std, frozen_copy
 from ssl3d.training.methods.base import SSLMethod
@@ -33,8 +34,7 @@ class TwoViewMethod(SSLMethod):
 
     def embed(self, x: torch.Tensor, encoder: torch.nn.Module | None = None) -> torch.Tensor:
         """Global average and maximum of the deepest stage of ``encoder`` (default: the student's): ``(B, 2·C)``."""
-        deepest = (encoder or self.encoder)(x)[-1]
-        return torch.cat([deepest.mean((2, 3, 4)), deepest.amax((2, 3, 4))], 1)
+        return avg_max_pool((encoder or self.encoder)(x)[-1])
 
     def _online(self) -> nn.ModuleDict:
         # built on demand: an attribute would register the encoder twice in the state_dict
