@@ -65,6 +65,7 @@ def test_cli_writes_embeddings_and_stages(cli_out, spark_results):
         with np.load(cli_out / f"{case}.npz") as f:
             emb = f["embedding"]
             assert emb.dtype == np.float32 and emb.shape == (features[-1],) and np.isfinite(emb).all()
+            assert f["embedding_max"].shape == emb.shape and (f["embedding_max"] >= emb - 1e-6).all()
             shape = tuple(f["preprocessed_shape"])
             for i, (c, stride) in enumerate(zip(features, meta["stage_strides"])):
                 st = f[f"stage_{i}"]

@@ -212,7 +212,7 @@ def _case_done(path: Path, stages: bool) -> bool:
         return False
     try:
         with np.load(path) as f:
-            return "embedding" in f.files and (not stages or "stage_0" in f.files)
+            return {"embedding", "embedding_max"} <= set(f.files) and (not stages or "stage_0" in f.files)
     except Exception:  # unreadable leftovers are redone
         return False
 
@@ -243,7 +243,8 @@ def extract_features(results: str | os.PathLike, inputs: str | os.PathLike, outp
             continue
         image = preprocess_case(case, encoder.plans)
         res = embed_image(encoder, image, stages)
-        arrays = {"embedding": res["embedding"], "preprocessed_shape": np.asarray(res["shape"], np.int64)}
+        arrays = {"embedding": res["embedding"], "embedding_max": res["embedding_max"],
+                  "preprocessed_shape": np.asarray(res["shape"], np.int64)}
         for i, f in enumerate(res["stages"] or []):
             arrays[f"stage_{i}"] = f
         atomic_write(target, lambda fh: np.savez(fh, **arrays))
