@@ -11,9 +11,9 @@ held-out scoring. :func:`run_classification` is what ``ssl_finetune_cls`` (and a
   none) validates (model selection), the rest trains. Only the fold's held-out cases are scored.
 * ``linear``: the frozen pretrained encoder embeds every budget and held-out case (``embed_image``: sliding
   window; image-weighted global average ‖ maximum of the deepest map, as the classifier pools), an
-  L2-regularised logistic regression is fitted on the budget cases; no network training. Embeddings are cached per case (resumable) in
-  ``<Trainer>__<plans>__3d_fullres/embeddings/<encoder+plans hash>/`` (or ``embedding_cache``), shared by every
-  fold, budget and seed of that encoder.
+  L2-regularised logistic regression is fitted on the budget cases; no network training. Embeddings are cached
+  per case (resumable) in ``<Trainer>__<plans>__3d_fullres/embeddings/<encoder+plans hash>/`` (or
+  ``embedding_cache``), shared by every fold, budget and seed of that encoder.
 * Outputs in ``$nnUNet_results/<Dataset>/<Trainer>__<plans>__3d_fullres/fold_<K>[_n<budget>][_s<seed>]/``:
   ``predictions.csv`` (case_id, true, predicted, p_<class>...), ``metrics.json``, ``confusion_matrix.png``,
   ``cls_results.json`` (options, cases, metrics) and the trainer's checkpoints / ``linear_probe.pth``.
@@ -179,14 +179,15 @@ def _linear_probe(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
     cache = Path(opts.embedding_cache or out.parent / "embeddings") / key
     write_json(cache / "meta.json", meta)
-    encoder = load_encoder(p["folder"], opts.pretrain_fold, opts.device)
     keys = sorted(set(p["budget"]) | set(p["test"]))
-    emb = {}
+    emb, encoder = {}, None
     for k in tqdm(keys, desc="embed", unit="case", disable=not opts.progress):
         f = cache / f"{k}.npy"
         if f.is_file():
             emb[k] = np.load(f)
             continue
+        if encoder is None:  # loaded only when a case is not cached yet
+            encoder = load_encoder(p["folder"], opts.pretrain_fold, opts.device)
         res = embed_image(encoder, load_preprocessed(p["data_dir"], k))
         emb[k] = np.concatenate([res["embedding"], res["embedding_max"]])  # as ClassifierNet pools
         atomic_write(f, lambda fh, e=emb[k]: np.save(fh, e))
