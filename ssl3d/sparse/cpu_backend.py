@@ -167,7 +167,7 @@ class _BlockConv(torch.autograd.Function):
             gb = gout.new_zeros(weight.shape[0]) if (need_b and ctx.has_bias) else None
             return gx, gw, gb, None, None, None, None
         gs = cells_view(gout, plan.cell_out)[plan.idx].contiguous()  # (N, Co, *cell_out)
-        gxs, gw, gb = _conv_backward(ctx, gs)
+        gxs, gw, gb = _conv_backward(ctx, gs, xs, weight)
         if need_x:
             gxs.mul_(_window_mask(plan, ctx.lay_in, gxs.dtype))
             gxp = _scatter_windows(gxs, plan, ctx.x_shape)
@@ -190,8 +190,8 @@ def _scatter_windows(gxs: torch.Tensor, plan: BlockPlan, x_shape: Sequence[int])
     return gxp
 
 
-def _conv_backward(ctx, gs: torch.Tensor):
-    xs, weight = ctx.saved_tensors
+def _conv_backward(ctx, gs: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor):
+    # saved tensors are unpacked once by the caller (non-reentrant activation checkpointing allows one unpack)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     return torch.ops.aten.convolution_backward(
         gs, xs, weight, [weight.shape[0]] if (need_b and ctx.has_bias) else None, list(ctx.stride),
@@ -229,7 +229,7 @@ class _BlockConvCompact(torch.autograd.Function):
             gw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
             gb = gys.new_zeros(weight.shape[0]) if (ctx.needs_input_grad[2] and ctx.has_bias) else None
             return gx, gw, gb, None, None, None, None, None
-        gxs, gw, gb = _conv_backward(ctx, gys.contiguous())
+        gxs, gw, gb = _conv_backward(ctx, gys.contiguous(), xs, weight)
         gx = None
         if ctx.needs_input_grad[0]:
             lay: Layout = ctx.lay_in
