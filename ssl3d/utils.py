@@ -25,8 +25,9 @@ class BadInputError(Exception):
 class BadInputs(Exception):
     """Several bad inputs at once; each line names a file and its problem."""
 
-    def __init__(self, lines: list[str]):
+    def __init__(self, lines: list[str], hint: str = "nothing was written (use --skip-bad to skip them)"):
         self.lines = lines
+        self.hint = hint
         super().__init__("\n".join(lines))
 
 
@@ -145,3 +146,16 @@ def map_cases(worker: Callable[[Any], Any], jobs: Sequence[Any], num_processes: 
                 outs.append(worker(job))
                 bar.update(1)
     return outs
+
+
+def read_json_input(path: str | os.PathLike, what: str = "file") -> Any:
+    """``read_json`` for a file the user gave or an earlier run wrote: missing or broken -> one-line BadInputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(path, f"missing ({what})")
+    try:
+        return read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(path, f"broken JSON ({what}): {e}") from None
+    except OSError as e:
+        raise BadInputError(path, f"unreadable ({what}): {e.strerror or e}") from None

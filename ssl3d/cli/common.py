@@ -32,8 +32,7 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
     except BadInputs as e:
         for line in e.lines:
             print(f"{parser.prog}: error: {line}", file=sys.stderr)
-        print(f"{parser.prog}: {len(e.lines)} bad input(s); nothing was written (use --skip-bad to skip them)",
-              file=sys.stderr)
+        print(f"{parser.prog}: {len(e.lines)} bad input(s); {e.hint}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except SystemExit as e:
         if isinstance(e.code, str):

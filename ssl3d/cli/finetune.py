@@ -12,6 +12,7 @@ import logging
 import sys
 
 from ssl3d.cli.common import run_cli
+from ssl3d.data.labeled import check_labeled_dataset, encoder_channels
 from ssl3d.inference.nnunet_bridge import ext_trainer_path, nnunet_dataset_name, run_nnunet
 from ssl3d.planning.plan_transfer import finetune_plans
 from ssl3d.utils import DEFAULT_SEED, BadInputError, env_dir, read_json, write_json
@@ -58,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     dataset_id = int(dataset[7:10])
     folder, ckpt = find_pretraining(args.p)
     method, pplans, info = load_pretrained_method(folder, ckpt)
+    check_labeled_dataset(env_dir("nnUNet_raw") / dataset, encoder_channels(pplans), args.np)  # before any write
     plans_name = f"ssl3d_{info['name']}Plans" + ("_scratch" if args.scratch else "")
     options = {k: v for k, v in {
         "num_epochs": args.epochs, "num_iterations_per_epoch": args.iters, "num_val_iterations_per_epoch":

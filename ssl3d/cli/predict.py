@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from ssl3d.cli.common import run_cli
+from ssl3d.data.labeled import check_prediction_folder, model_dataset_json
 from ssl3d.inference.nnunet_bridge import nnunet_dataset_name, resolve_model, run_nnunet
 from ssl3d.utils import BadInputError
 
@@ -41,6 +43,8 @@ def _run(args: argparse.Namespace) -> int:
         raise BadInputError(src, "no images named <case>_0000.<ext> (nnU-Net's channel naming)")
     dataset = nnunet_dataset_name(args.d)
     folder, plans = resolve_model(dataset, args.tr, args.p)
+    dj = model_dataset_json(folder)  # every input image through ssl3d's readers before nnU-Net predicts
+    check_prediction_folder(src, dj.get("channel_names", dj.get("modality")), dj["file_ending"], os.cpu_count() or 1)
     for f in args.f:
         ckpt = folder / (f"fold_{f}" if f != "all" else "fold_all") / args.chk
         if not ckpt.is_file():

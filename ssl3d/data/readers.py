@@ -254,35 +254,39 @@ def _read_one(files: list[str], kind: str) -> sitk.Image:
     return img
 
 
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """One 3D image file with every check of the pool reader (truncated, zero-size, 2D, 4D, unreadable)."""
+    return _read_one([str(path)], "file")
+
+
 def _geometry(img: sitk.Image) -> dict:
     return {"spacing": list(img.GetSpacing()), "origin": list(img.GetOrigin()), "direction": list(img.GetDirection())}
 
 
-def read_case(case: CaseSource, reorient: bool = True) -> tuple[np.ndarray, dict]:
-    """Read and validate every channel of a case.
+def geometry_problems(img: sitk.Image, ref: sitk.Image) -> list[str]:
+    """How the voxel grid of ``img`` differs from ``ref`` (size, spacing, direction, origin); empty if it does not."""
+    problems = []
+    if img.GetSize() != ref.GetSize():
+        problems.append(f"size {img.GetSize()} vs {ref.GetSize()}")
+    if not np.allclose(img.GetSpacing(), ref.GetSpacing(), rtol=1e-4, atol=1e-6):
+        problems.append(f"spacing {img.GetSpacing()} vs {ref.GetSpacing()}")
+    if not np.allclose(img.GetDirection(), ref.GetDirection(), atol=1e-4):
+        problems.append("direction differs")
+    if not np.allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-3 * max(ref.GetSpacing())):
+        problems.append(f"origin {img.GetOrigin()} vs {ref.GetOrigin()}")
+    return problems
 
-    Returns ``(data, properties)``: ``data`` is float32 (C, Z, Y, X) in the canonical orientation (when
-    ``reorient``), ``properties`` holds the numpy-order spacing, the geometry before and after reorienting.
-    """
+
+def read_case_images(case: CaseSource) -> list[sitk.Image]:
+    """Every channel of a case as read from disk, validated: each file readable and 3D, one geometry for all
+    channels, no NaN/Inf, not constant. What every command that reads images goes through first."""
     images = [_read_one(f, case.kind) for f in case.channel_files]
     ref = images[0]
-    shown = [os.path.dirname(f[0]) if case.kind == "dicom" else f[0] for f in case.channel_files]
+    shown = _shown_files(case)
     for i, img in enumerate(images[1:], start=1):
-        problems = []
-        if img.GetSize() != ref.GetSize():
-            problems.append(f"size {img.GetSize()} vs {ref.GetSize()}")
-        if not np.allclose(img.GetSpacing(), ref.GetSpacing(), rtol=1e-4, atol=1e-6):
-            problems.append(f"spacing {img.GetSpacing()} vs {ref.GetSpacing()}")
-        if not np.allclose(img.GetDirection(), ref.GetDirection(), atol=1e-4):
-            problems.append("direction differs")
-        if not np.allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-3 * max(ref.GetSpacing())):
-            problems.append(f"origin {img.GetOrigin()} vs {ref.GetOrigin()}")
+        problems = geometry_problems(img, ref)
         if problems:
             raise BadInputError(shown[i], f"channel {i} geometry differs from channel 0 ({'; '.join(problems)})")
-    original = _geometry(ref)
-    if reorient:
-        images = [sitk.DICOMOrient(img, CANONICAL_ORIENTATION) for img in images]
-    arrays = []
     for i, img in enumerate(images):
         arr = sitk.GetArrayViewFromImage(img)
         finite = np.isfinite(arr) if arr.dtype.kind == "f" else None
@@ -291,14 +295,30 @@ def read_case(case: CaseSource, reorient: bool = True) -> tuple[np.ndarray, dict
         lo, hi = arr.min(), arr.max()
         if lo == hi:
             raise BadInputError(shown[i], f"constant image (every voxel is {float(lo):g})")
-        arrays.append(arr.astype(np.float32))
-    data = np.stack(arrays)
+    return images
+
+
+def _shown_files(case: CaseSource) -> list[str]:
+    return [os.path.dirname(f[0]) if case.kind == "dicom" else f[0] for f in case.channel_files]
+
+
+def read_case(case: CaseSource, reorient: bool = True) -> tuple[np.ndarray, dict]:
+    """Read and validate every channel of a case (:func:`read_case_images`).
+
+    Returns ``(data, properties)``: ``data`` is float32 (C, Z, Y, X) in the canonical orientation (when
+    ``reorient``), ``properties`` holds the numpy-order spacing, the geometry before and after reorienting.
+    """
+    images = read_case_images(case)
+    original = _geometry(images[0])
+    if reorient:
+        images = [sitk.DICOMOrient(img, CANONICAL_ORIENTATION) for img in images]
+    data = np.stack([sitk.GetArrayViewFromImage(img).astype(np.float32) for img in images])
     geom = _geometry(images[0])
     props = {
         "spacing": [float(s) for s in geom["spacing"][::-1]],
         "sitk_stuff": geom,
         "original_sitk_stuff": original,
         "original_orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(original["direction"]),
-        "source_files": shown,
+        "source_files": _shown_files(case),
     }
     return data, props

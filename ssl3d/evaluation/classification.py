@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from ssl3d.data.case_labels import fold_split, label_subset, read_case_labels, stratified_order
+from ssl3d.data.labeled import check_encoder_channels, check_images, encoder_channels
 from ssl3d.data.readers import discover_inputs, find_raw_dataset
 from ssl3d.inference.features import embed_image, load_encoder, resolve_device
 from ssl3d.planning.plan_transfer import finetune_plans
@@ -109,6 +110,8 @@ def prepare(opts: ClsOptions) -> dict:
     labels, names = read_case_labels(raw / "dataset.json", [c.case_id for c in cases], opts.labels_csv)
     folder, ckpt = find_pretraining(opts.pretraining, opts.pretrain_fold)
     method, pplans, info = load_pretrained_method(folder, ckpt)
+    check_encoder_channels(len(channel_names), encoder_channels(pplans), raw / "dataset.json")
+    check_images([c for c in cases if c.case_id in labels], opts.num_processes)  # before anything is written
     plans_name = f"ssl3d_{info['name']}ClsPlans"
     plans = finetune_plans(pplans, method.downstream_architecture(), raw.name, plans_name,
                            {"batch_size": opts.batch_size, "method": info["name"], "pretrained_from": str(ckpt)},

@@ -18,6 +18,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ssl3d.data.case_labels import fold_split, label_subset, read_case_labels
+from ssl3d.data.labeled import (check_cases, check_encoder_channels, check_images, check_labeled_dataset,
+                                encoder_channels, label_values)
 from ssl3d.data.readers import discover_inputs, find_raw_dataset
 from ssl3d.evaluation.protocol import (CLS_PRESETS, PRESETS, PRETRAIN_KEYS, Arm, ClsArm, HeldOutSplit, arm_record,
                                        plan_arms, plan_cls_arms, split_test, training_cases)
@@ -69,8 +71,14 @@ class Benchmark:
         self.labeled = nnunet_dataset_name(cfg.labeled)
         self.raw_labeled = self.raw / self.labeled
         max_n = max((int(k) for k in cfg.n_train if str(k) != "all"), default=1)
+        n_enc = encoder_channels(read_json(self.pool_dir / "ssl3dPlans.json"))
+        _, dj = check_labeled_dataset(self.raw_labeled, n_enc, cfg.num_processes)  # every image and label first
         self.split: HeldOutSplit = split_test(self.raw_labeled, Path(cfg.test) if cfg.test else None,
                                            cfg.test_fraction, max_n)
+        if cfg.test:
+            check_cases([(c, [str(f) for f in self.split.test_images[c]], str(self.split.test_labels[c]))
+                         for c in sorted(self.split.test_labels)], label_values(dj, self.raw_labeled / "dataset.json"),
+                        cfg.num_processes)
         self.arms = plan_arms(cfg.methods, cfg.scratch, cfg.n_train, range(cfg.seeds), len(self.split.trainable))
 
     # ---- set-up ------------------------------------------------------------------------------------------
@@ -279,7 +287,10 @@ class ClsBenchmark(Benchmark):
         self._setup(cfg)
         self.raw_labeled = find_raw_dataset(str(cfg.labeled))
         self.labeled = self.raw_labeled.name
-        cases, _ = discover_inputs([str(self.raw_labeled)])
+        cases, channels = discover_inputs([str(self.raw_labeled)])
+        check_encoder_channels(len(channels), encoder_channels(read_json(self.pool_dir / "ssl3dPlans.json")),
+                               self.raw_labeled / "dataset.json")
+        check_images(cases, cfg.num_processes)
         self.labels, self.class_names = read_case_labels(self.raw_labeled / "dataset.json",
                                                          [c.case_id for c in cases], cfg.labels_csv)
         self.train, self.test = fold_split(self.labels, cfg.fold, DEFAULT_SEED)  # as run_classification splits
