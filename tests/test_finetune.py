@@ -146,9 +146,10 @@ def test_mismatched_encoder_fails_loudly(pretrained, tmp_path, capsys):
     import shutil
 
     shutil.copytree(pretrained["results"], bad)
-    info = json.loads((bad / "ssl_method.json").read_text())
-    info["method_kwargs"] = {}
-    (bad / "ssl_method.json").write_text(json.dumps(info))
+    for desc in (bad / "ssl_method.json", bad / "fold_0" / "ssl_method.json"):  # shared and per-fold copies
+        info = json.loads(desc.read_text())
+        info["method_kwargs"] = {}
+        desc.write_text(json.dumps(info))
     from ssl3d.cli.finetune import export_main
 
     rc = export_main(["-p", str(bad), "-o", str(tmp_path / "w.pth")])

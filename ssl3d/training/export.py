@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from ssl3d.architectures.from_plans import build_network_from_plans
+from ssl3d.training.checkpoints import read_checkpoint
 from ssl3d.training.methods import SSLMethod, build_method, get_method_spec
 from ssl3d.training.seeding import derive_seed
-from ssl3d.utils import DEFAULT_SEED, BadInputError, atomic_write, read_json
+from ssl3d.utils import DEFAULT_SEED, BadInputError, atomic_write, read_json_input
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,11 @@ class EncoderMismatchError(BadInputError):
 def find_pretraining(results: str | os.PathLike, fold: str = "0") -> tuple[Path, Path]:
     """``(trainer folder with plans.json and ssl_method.json, checkpoint file)`` from a trainer or fold folder."""
     p = Path(results)
-    if (p / "ssl_method.json").is_file():
+    if not p.is_dir():
+        raise BadInputError(p, "pretraining results folder does not exist")
+    if p.name.startswith("fold_") and ((p / "ssl_method.json").is_file() or (p.parent / "ssl_method.json").is_file()):
+        folder, fold_dir = p.parent, p
+    elif (p / "ssl_method.json").is_file() or (p / f"fold_{fold}" / "ssl_method.json").is_file():
         folder, fold_dir = p, p / f"fold_{fold}"
     elif (p.parent / "ssl_method.json").is_file():
         folder, fold_dir = p.parent, p
@@ -45,17 +50,48 @@ def find_pretraining(results: str | os.PathLike, fold: str = "0") -> tuple[Path,
     raise BadInputError(fold_dir, f"no checkpoint ({', '.join(CHECKPOINTS)}) found")
 
 
+def run_file(folder: Path, checkpoint: Path, name: str) -> Path:
+    """A pretraining's ``ssl_method.json`` / ``plans.json``: the checkpoint's fold's own copy, else the copy shared
+    by the folder's folds (results written before folds kept their own)."""
+    own = Path(checkpoint).parent / name
+    return own if own.is_file() else Path(folder) / name
+
+
+def read_pretraining_files(folder: Path, checkpoint: Path) -> tuple[dict, dict, int]:
+    """(method description, plans, input channels) of a pretraining, each file checked: one line when missing,
+    broken or lacking what export needs."""
+    info_file = run_file(folder, checkpoint, "ssl_method.json")
+    info = read_json_input(info_file, "pretraining method description")
+    if not isinstance(info, dict) or "name" not in info:
+        raise BadInputError(info_file, "no method 'name' in the pretraining method description")
+    try:
+        get_method_spec(info["name"])
+    except KeyError as e:
+        raise BadInputError(info_file, str(e).strip("'\"")) from None
+    plans_file = run_file(folder, checkpoint, "plans.json")
+    plans = read_json_input(plans_file, "the pretraining's plans; rerun ssl_pretrain or copy them back")
+    if not isinstance(plans, dict) or "3d_fullres" not in (plans.get("configurations") or {}):
+        raise BadInputError(plans_file, "no 3d_fullres configuration in the plans")
+    dj_file = Path(folder) / "dataset.json"
+    dj = read_json_input(dj_file, "the pool's dataset.json")
+    if not isinstance(dj, dict) or not dj.get("channel_names"):
+        raise BadInputError(dj_file, "no channel_names")
+    return info, plans, len(dj["channel_names"])
+
+
 def load_pretrained_method(folder: Path, checkpoint: Path) -> tuple[SSLMethod, dict, dict]:
     """Rebuild the SSL method exactly as trained and load its weights strictly. Returns (method, plans, info)."""
-    info = read_json(folder / "ssl_method.json")
-    plans = read_json(folder / "plans.json")
+    info, plans, n_channels = read_pretraining_files(folder, checkpoint)
     cfg = plans["configurations"]["3d_fullres"]
-    n_channels = len(read_json(folder / "dataset.json")["channel_names"])
     kwargs = dict(info.get("method_kwargs", {}))
     if get_method_spec(info["name"]).sparse:
         kwargs["backend"] = "reference"  # export runs on CPU, once: the plain reference math
-    method = build_method(info["name"], plans, cfg, n_channels, **kwargs)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+    state = read_checkpoint(checkpoint)["network_weights"]  # a truncated file fails before the build
+    try:
+        method = build_method(info["name"], plans, cfg, n_channels, **kwargs)
+    except (TypeError, ValueError, KeyError) as e:
+        raise BadInputError(run_file(folder, checkpoint, "ssl_method.json"),
+                            f"cannot rebuild '{info['name']}' from its description: {e}") from None
     own = method.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -107,7 +143,7 @@ def write_downstream_weights(method: SSLMethod, info: dict, folder: Path, ckpt: 
     nnU-Net loads every non-head key from this file, so the decoder's initialisation is decided here: it is
     drawn from ``seed`` (a fine-tuning run with the same seed starts from the same weights)."""
     arch = method.downstream_architecture()
-    n_channels = len(read_json(folder / "dataset.json")["channel_names"])
+    n_channels = len(read_json_input(Path(folder) / "dataset.json", "the pool's dataset.json")["channel_names"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "downstream-init"))
         net = build_network_from_plans(arch, n_channels, num_classes)

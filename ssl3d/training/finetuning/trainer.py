@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from ssl3d.training.checkpoints import AtomicCheckpointMixin
 from ssl3d.training.methods import spec_for_network
 from ssl3d.training.seeding import derive_seed, seed_everything, seeded_nnunet_augmenters
 from ssl3d.training.trainer_init import TrainerInitMixin
@@ -57,7 +58,7 @@ class WarmupPoly:
             g["lr"] = lr * g.get("lr_factor", 1.0)
 
 
-class SSLFinetuneTrainer(TrainerInitMixin, nnUNetTrainer):
+class SSLFinetuneTrainer(AtomicCheckpointMixin, TrainerInitMixin, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -85,6 +86,9 @@ class SSLFinetuneTrainer(TrainerInitMixin, nnUNetTrainer):
 
     def _network_module(self):
         return unwrap_network(self.network)
+
+    def plot_network_architecture(self):
+        pass  # nnU-Net's plot needs hiddenlayer (not installed, broken upstream): it would only log an ImportError
 
     def initialize(self):
         seed_everything(derive_seed(self.seed, "init"))  # same initial weights for the same seed
