@@ -12,6 +12,7 @@ with the method's own defaults, and epoch-end bookkeeping (best = lowest validat
 from __future__ import annotations
 
 import os
+import shutil
 from time import time
 
 import numpy as np
@@ -193,6 +194,9 @@ class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, TrainerInitMix
                         "num_iterations_per_epoch": self.num_iterations_per_epoch,
                         "sparse_backend": self.sparse_backend, "method_kwargs": self.method_kwargs,
                         "downstream_architecture": self._downstream_architecture()})
+            # folds may differ (--size, --patch-size): each keeps its own description, read before the shared one
+            for name in ("ssl_method.json", "plans.json"):
+                shutil.copyfile(os.path.join(self.output_folder_base, name), os.path.join(self.output_folder, name))
 
     def _downstream_architecture(self) -> dict | None:
         try:
