@@ -35,9 +35,14 @@ Semantics: every op equals its reference ``dense_op(x * m_in) * m_out`` (+ bias 
 norm statistics over visible voxels only); a masked voxel never influences a visible output.
 
 Backends (``sparsify(model, backend=...)``, ``set_backend(model, ...)`` or the functional ``backend=``):
-"reference" (dense-masked), "cpu" (gather visible cells + halo, conv on the stack, custom autograd),
-"triton" (implicit-GEMM kernels over active-tile lists, CUDA; CPU via TRITON_INTERPRET=1),
-"auto" (Triton on CUDA; on CPU the blocked path when the cost model predicts a win, dense at 0 % masking).
+"reference" (dense conv on the masked input), "gather" (alias "cpu": gather visible cells + halo, dense conv
+of the stack, custom autograd; pure torch, so CPU or cuDNN on CUDA), "triton" (implicit-GEMM kernels over
+active-tile lists, CUDA; CPU via TRITON_INTERPRET=1; raises where Triton cannot run), "auto" (dense at 0 %
+masking; "gather" where its cost model predicts a win, else "reference"; Triton only for layer signatures
+whose first-use check on this device passed, see ``ssl3d.sparse.dispatch`` and ``SSL3D_SPARSE_CACHE``).
+Each distinct layer signature logs its backend once (INFO, logger ``ssl3d.sparse.dispatch``). Under
+``torch.autocast`` the sparse convs cast like ``conv3d`` and the masked norms keep their input's dtype
+(``ssl3d.sparse.amp``).
 Functional ops: ``ssl3d.sparse.ops`` (``sparse_conv3d`` etc.), definitions in ``ssl3d.sparse.reference``.
 """
 from .convert import set_backend, sparse_forward, sparsify

@@ -1,4 +1,5 @@
-"""CPU backend: gather visible output cells with their input halo, convolve the stack, scatter back.
+"""The "gather" backend (alias "cpu"): gather visible output cells with their input halo, convolve the stack,
+scatter back. Pure torch ops, so it runs on CPU and on CUDA (where the dense conv of the stack is cuDNN's).
 
 Blocks are the cells of the *output* layout; each block's input window is cut from the padded input with
 one strided ``unfold`` view + one advanced-index gather and multiplied by the gathered input-mask window
@@ -10,10 +11,14 @@ whose windows do not overlap (no atomics, no index_add over overlapping memory).
 ``conv3d_compact`` is the same computation on compact features (the visible cells only, see
 ``SparseTensor``): its output stack *is* the next layer's compact input, so between layers nothing dense is
 written or kept for backward, and norms / activations / residual additions run on visible cells only.
+
+Under autocast the entry points cast like ``conv3d`` (``amp.py``) and both Functions run in that dtype.
+Device syncs happen once per plan (mask layout), never per call.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 
 from ssl3d.utils import as_triple
 
+from .amp import cast_conv_inputs, no_autocast
 from .tensor import Layout, cells_view
 
 log = logging.getLogger(__name__)
@@ -62,14 +68,19 @@ def make_plan(lay_in: Layout, lay_out: Layout, kernel: Sequence[int], stride: Se
     ac = lay_out.active_cells
     idx = (ac[:, 0].contiguous(), ac[:, 1].contiguous(), ac[:, 2].contiguous(), ac[:, 3].contiguous())
     period = [-(-w // sp) for w, sp in zip(window, step)]  # blocks this far apart never overlap
-    groups = []
-    for rz in range(period[0]):
-        for ry in range(period[1]):
-            for rx in range(period[2]):
-                sel = ((idx[1] % period[0] == rz) & (idx[2] % period[1] == ry)
-                       & (idx[3] % period[2] == rx)).nonzero().flatten()
-                if sel.numel():
-                    groups.append(((rz, ry, rx), sel))
+    res = [i % per for i, per in zip(idx[1:], period)]
+    gid = (res[0] * period[1] + res[1]) * period[2] + res[2]
+    order = torch.argsort(gid, stable=True)
+    counts = torch.bincount(gid, minlength=math.prod(period)).tolist()  # the plan's one device sync
+    groups, start = [], 0
+    for g, cnt in enumerate(counts):
+        if cnt:
+            r = (g // (period[1] * period[2]), (g // period[2]) % period[1], g % period[2])
+            sel = order[start:start + cnt]
+            # window index of each block in the group's strided unfold view (see _scatter_windows)
+            kidx = (idx[0][sel],) + tuple((idx[1 + a][sel] - r[a]) // period[a] for a in range(3))
+            groups.append((r, sel, kidx))
+        start += cnt
     plan = BlockPlan(idx, co, step, window, pad, lay_in.shape, lay_out.shape, groups, {})  # type: ignore[arg-type]
     plan.period = tuple(period)  # type: ignore[attr-defined]
     lay_out.cache[key] = plan
@@ -77,9 +88,10 @@ def make_plan(lay_in: Layout, lay_out: Layout, kernel: Sequence[int], stride: Se
 
 
 class _Workspace:
-    """Reused scratch buffers: fresh multi-MB allocations page-fault on every call (glibc mmaps them), which
+    """Reused CPU scratch buffers: fresh multi-MB allocations page-fault on every call (glibc mmaps them), which
     on the 2-core test machine costs more than the sparse conv itself. Halo borders are never written, so
-    a padded input buffer only needs its interior refreshed."""
+    a padded input buffer only needs its interior refreshed. CUDA tensors get plain allocations: the caching
+    allocator already reuses memory, and buffers held here would be invisible to it."""
 
     def __init__(self, max_bytes: int = 1 << 30):
         self.max_bytes = max_bytes
@@ -87,6 +99,8 @@ class _Workspace:
 
     def get(self, tag: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
             zero: bool = False) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.zeros(shape, dtype=dtype, device=device)
         key = (tag, tuple(shape), dtype, device)
         buf = self.bufs.pop(key, None)
         if buf is None:
@@ -117,7 +131,7 @@ def _interior(xp: torch.Tensor, pad: Sequence[int], shape: Sequence[int]) -> tor
 
 def _padded(x: torch.Tensor, pad: Sequence[int], tag: str) -> torch.Tensor:
     """``F.pad(x, pad)`` into a reused buffer (valid until the next call with the same tag and shape)."""
-    if x.requires_grad and torch.is_grad_enabled():
+    if (x.requires_grad and torch.is_grad_enabled()) or x.device.type != "cpu":
         return F.pad(x, pad)
     buf = _WS.get(tag, _padded_shape(x.shape, pad), x.dtype, x.device)
     _interior(buf, pad, x.shape[2:]).copy_(x)
@@ -157,6 +171,11 @@ class _BlockConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout):
+        with no_autocast(gout.device):
+            return _BlockConv._backward(ctx, gout)
+
+    @staticmethod
+    def _backward(ctx, gout):
         xs, weight = ctx.saved_tensors
         plan: BlockPlan = ctx.plan
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -179,14 +198,13 @@ def _scatter_windows(gxs: torch.Tensor, plan: BlockPlan, x_shape: Sequence[int])
     """Sum the per-block window gradients ``(N, C, *window)`` into a zeroed padded input buffer (reused)."""
     gxp = _WS.get("bwd", _padded_shape(x_shape, plan.pad), gxs.dtype, gxs.device, zero=True)
     win, st, per = plan.window, plan.step, plan.period  # type: ignore[attr-defined]
-    ib, iz, iy, ix = plan.idx
-    for (rz, ry, rx), sel in plan.groups_of_blocks:
-        # blocks `period` apart do not overlap: a plain (non-accumulating) put is safe per group
+    single = len(plan.groups_of_blocks) == 1
+    for (rz, ry, rx), sel, kidx in plan.groups_of_blocks:
+        # blocks `period` apart do not overlap: within a group no window is written twice
         v = gxp[:, :, rz * st[0]:, ry * st[1]:, rx * st[2]:]
         v = v.unfold(2, win[0], st[0] * per[0]).unfold(3, win[1], st[1] * per[1]).unfold(
             4, win[2], st[2] * per[2]).permute(0, 2, 3, 4, 1, 5, 6, 7)
-        kz, ky, kx = (iz[sel] - rz) // per[0], (iy[sel] - ry) // per[1], (ix[sel] - rx) // per[2]
-        v.index_put_((ib[sel], kz, ky, kx), gxs[sel] if len(plan.groups_of_blocks) > 1 else gxs, accumulate=True)
+        v.index_put_(kidx, gxs if single else gxs[sel], accumulate=True)
     return gxp
 
 
@@ -222,6 +240,11 @@ class _BlockConvCompact(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gys):
+        with no_autocast(gys.device):
+            return _BlockConvCompact._backward(ctx, gys)
+
+    @staticmethod
+    def _backward(ctx, gys):
         plan: BlockPlan = ctx.plan
         xs, weight = ctx.saved_tensors
         if plan.n == 0:
@@ -250,15 +273,20 @@ def supports(weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
     return True
 
 
-def estimated_speedup(lay_out: Layout, kernel: Sequence[int], stride: Sequence[int], depthwise: bool) -> float:
-    """Predicted dense-masked / blocked time for forward+backward, scaled from 2-core CPU measurements at
-    75 % masking on a quiet machine (benchmarks/sparse_conv.py): regular k3 stride 1 ~3.3-3.7x for cells of
-    16-32 voxels, ~2.4x for 4-voxel cells, ~1x for 1-2 voxel cells (the halo is most of the window); stride 2
-    ~2.8x; depthwise 7^3 ~5x (dense depthwise backward is slow). The gain scales with the visible fraction.
+def estimated_speedup(lay_out: Layout, kernel: Sequence[int], stride: Sequence[int], depthwise: bool,
+                      device_type: str = "cpu") -> float:
+    """Predicted dense-masked / blocked time for forward+backward (> 1: the blocked path is faster).
+
+    CPU: scaled from 2-core measurements at 75 % masking on a quiet machine (benchmarks/sparse_conv.py):
+    regular k3 stride 1 ~3.3-3.7x for cells of 16-32 voxels, ~2.4x for 4-voxel cells, ~1x for 1-2 voxel cells
+    (the halo is most of the window); stride 2 ~2.8x; depthwise 7^3 ~5x (dense depthwise backward is slow).
+    The gain scales with the visible fraction. Other devices: see ``_estimated_speedup_gpu``.
     """
     frac = lay_out.active_fraction
     if frac == 0.0:
         return float("inf")
+    if device_type != "cpu":
+        return _estimated_speedup_gpu(frac, lay_out.cell_size, kernel, stride, depthwise)
     cell = min(lay_out.cell_size)
     if depthwise:
         base = 5.0
@@ -273,18 +301,36 @@ def estimated_speedup(lay_out: Layout, kernel: Sequence[int], stride: Sequence[i
     return base * 0.25 / frac
 
 
+def _estimated_speedup_gpu(frac: float, cell: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                           depthwise: bool) -> float:
+    """GPU (cuDNN) estimate, not measured: the stack conv does exactly the visible FLOPs, the extra cost is the
+    gathered halo copy (``halo`` = gathered input / visible input) weighted by how memory-bound the conv is
+    (depthwise: fully; regular: ~0.3), plus ~5 % of a dense conv for the gather/scatter launches. Cells under
+    4 voxels on an axis are left to dense conv on the masked input (tiny windows, halo up to 8x)."""
+    if min(cell) < 4:
+        return 0.0
+    window = [(c - 1) * s + k for c, s, k in zip(cell, stride, kernel)]
+    halo = math.prod(window) / math.prod(c * s for c, s in zip(cell, stride))
+    copy_weight = 1.0 if depthwise else 0.3
+    return 1.0 / (frac * (1.0 + copy_weight * (halo - 1.0)) + 0.05)
+
+
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
            padding: Sequence[int], groups: int, lay_in: Layout, lay_out: Layout) -> torch.Tensor:
     """Blocked sparse conv; caller checked ``supports``. Equals ``conv3d(x*m_in, w)*m_out (+bias)``."""
     plan = make_plan(lay_in, lay_out, weight.shape[2:], stride, padding)
-    return _BlockConv.apply(x, weight, bias, plan, lay_in, tuple(stride), groups)
+    x, weight, bias = cast_conv_inputs(x, weight, bias)
+    with no_autocast(x.device):
+        return _BlockConv.apply(x, weight, bias, plan, lay_in, tuple(stride), groups)
 
 
 def conv3d_compact(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
                    padding: Sequence[int], groups: int, lay_in: Layout, lay_out: Layout, batch: int) -> torch.Tensor:
     """Blocked sparse conv on compact features: visible cells of ``lay_in`` -> visible cells of ``lay_out``."""
     plan = make_plan(lay_in, lay_out, weight.shape[2:], stride, padding)
-    return _BlockConvCompact.apply(xc, weight, bias, plan, lay_in, tuple(stride), groups, batch)
+    xc, weight, bias = cast_conv_inputs(xc, weight, bias)
+    with no_autocast(xc.device):
+        return _BlockConvCompact.apply(xc, weight, bias, plan, lay_in, tuple(stride), groups, batch)
 
 
 __all__ = ["conv3d", "conv3d_compact", "supports", "estimated_speedup", "make_plan", "BlockPlan"]

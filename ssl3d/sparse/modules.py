@@ -1,7 +1,8 @@
 """``nn.Module`` sparse twins: subclasses of the dense modules with identical parameters and state_dict keys.
 
 Each forward accepts a plain tensor (→ exactly the dense module) or a ``SparseTensor`` (→ sparse op on
-visible voxels, returns a SparseTensor). Set ``module.backend`` to "auto" / "reference" / "cpu" / "triton".
+visible voxels, returns a SparseTensor). Set ``module.backend`` to "auto" / "reference" / "gather" (alias "cpu")
+/ "triton" (see ``ops.py``).
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ class SparseConv3d(_SparseMixin, nn.Conv3d):
         lin, lout = x.layout(), x.layout(shape[2:])
         probe = x.compact if x.is_compact else x.features
         be = ops.choose_conv_backend(self.backend, probe, self.weight, self.stride, self.padding, self.dilation,
-                                     self.groups, lin, lout)
-        if be == "cpu":  # blocked path: compact in, compact out (norms and activations follow on cells)
+                                     self.groups, lin, lout, bias=self.bias, x_shape=x.shape)
+        if be == "gather":  # blocked path: compact in, compact out (norms and activations follow on cells)
             y = cpu_backend.conv3d_compact(x.compact, self.weight, self.bias, self.stride, self.padding,
                                            self.groups, lin, lout, x.shape[0])
             return SparseTensor.from_compact(y, x.masks, shape)

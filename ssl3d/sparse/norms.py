@@ -4,11 +4,18 @@ The reference implementation (``reference.py``) needs ~8 full-size temporaries; 
 output allocation forward and one backward: statistics are per-(sample, channel) reductions (``bmm`` against
 the mask, no temporaries) that are then pooled per batch / group. Precondition: ``x`` is zero wherever the
 mask is False (``SparseTensor`` features always are; pass ``masked_input=False`` otherwise).
+
+Precision and autocast: statistics and their backward sums are accumulated in fp64 (fp32 products for
+bf16/fp16 inputs, whose per-row sums would otherwise be rounded to 8 bits before the mean is subtracted);
+the output and the input gradient have the input's dtype. The norm is not cast by autocast, like
+batch/instance norm under CPU and CUDA autocast and group norm under CPU autocast (CUDA autocast runs the
+dense ``group_norm`` in fp32; here it stays in the input dtype, values equal within that dtype's rounding).
 """
 from __future__ import annotations
 
 import torch
 
+from .amp import no_autocast
 from .tensor import Layout
 
 
@@ -22,10 +29,20 @@ def _pool(t: torch.Tensor, mode: str, groups: int) -> torch.Tensor:
     return t
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
 def _bc_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-(sample, channel) dot products of two ``(B, C, S)`` tensors without a full-size temporary."""
-    bs, c, s = a.shape
-    return torch.bmm(a.reshape(bs * c, 1, s), b.reshape(bs * c, s, 1)).view(bs, c)
+    """Per-(row, channel) dot products of ``(R, C, S)`` tensors; ``b`` may be ``(R, 1, S)`` (broadcast).
+
+    fp32/fp64: a bmm, no full-size temporary. bf16/fp16: the products summed in fp32 (a bmm would round each
+    sum to the input dtype)."""
+    r, c, s = a.shape
+    if a.dtype in _LOW:
+        return (a * b).sum(2, dtype=torch.float32)
+    if b.shape[1] == 1:
+        return torch.bmm(a, b.reshape(r, s, 1)).view(r, c)
+    return torch.bmm(a.reshape(r * c, 1, s), b.reshape(r * c, s, 1)).view(r, c)
 
 
 def _to_samples(t: torch.Tensor, seg: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -45,6 +62,11 @@ class _MaskedNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, m, seg, n_vis, mode: str, groups: int, eps: float, stats_out):
+        with no_autocast(x.device):
+            return _MaskedNorm._forward(ctx, x, weight, bias, m, seg, n_vis, mode, groups, eps, stats_out)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, m, seg, n_vis, mode: str, groups: int, eps: float, stats_out):
         rows, c = x.shape[:2]
         bsz = n_vis.shape[0]
         xf = x.reshape(rows, c, -1)
@@ -73,6 +95,11 @@ class _MaskedNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        with no_autocast(gy.device):
+            return _MaskedNorm._backward(ctx, gy)
+
+    @staticmethod
+    def _backward(ctx, gy):
         x, weight, m, seg, mean, rstd, cnt = ctx.saved_tensors
         mode, groups = ctx.mode, ctx.groups
         rows, c = x.shape[:2]
@@ -80,9 +107,9 @@ class _MaskedNorm(torch.autograd.Function):
         xf = x.reshape(rows, c, -1)
         gf = gy.reshape(rows, c, -1)
         if m is not None:
-            sg_rows = torch.bmm(gf, m.reshape(rows, -1, 1).to(gy.dtype)).view(rows, c)  # sum(g * m)
+            sg_rows = _bc_sums(gf, m.reshape(rows, 1, -1).to(gy.dtype))  # sum(g * m)
         else:
-            sg_rows = gf.sum(2)
+            sg_rows = gf.sum(2, dtype=torch.float64)
         sg_bc = _to_samples(sg_rows.to(torch.float64), seg, bsz)
         sgx_bc = _to_samples(_bc_sums(gf, xf).to(torch.float64), seg, bsz)  # sum(g * x), x is 0 where masked
         sgxhat_bc = (sgx_bc - mean * sg_bc) * rstd                          # sum(g * xhat) per (b, c)

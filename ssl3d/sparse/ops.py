@@ -1,10 +1,18 @@
-"""Functional sparse ops with a backend switch: "auto", "reference", "cpu", "triton".
+"""Functional sparse ops with a backend switch: "auto", "reference", "gather" (alias "cpu"), "triton".
 
 Every op equals its reference in ``reference.py`` (dense op on ``x * m_in``, output ``* m_out``, bias only at
 visible outputs; norm statistics over visible voxels). Masks are ``Layout`` objects or bool tensors; both None
-means the plain dense op. "auto" picks Triton for CUDA tensors, the blocked CPU path on CPU when its
-measured cost model predicts a win (never at 0 % masking, where it is the plain dense op), else reference.
-An explicitly requested backend that cannot handle a case (e.g. dilation) falls back to reference.
+means the plain dense op.
+
+Conv backends: "reference" = dense conv on the masked input (what SparK/nnssl run); "gather" = gather visible
+cells + halo, dense conv of the stack, scatter (pure torch: CPU, or cuDNN on CUDA); "triton" = the custom
+implicit-GEMM kernels (CUDA; CPU only through TRITON_INTERPRET=1); "dense" (internal) = plain conv when nothing
+is masked. "auto": dense when nothing is masked; else "gather" where its cost model predicts a win (CPU:
+measured on 2 cores; CUDA: cells of >= 4 voxels per axis and a halo that pays off) and "reference" otherwise;
+Triton only for a layer signature whose first-use check on this device passed (``dispatch.py``), with any
+Triton error falling back to the cuDNN path with one warning. An explicit "triton" raises when Triton cannot
+run on the tensor's device and lets kernel errors propagate. An explicitly requested backend that cannot handle
+a case (e.g. dilation) falls back to reference. Each distinct layer signature logs its backend once (INFO).
 Norms have a single fused masked implementation (``norms.py``) used by every backend, so "reference" differs
 from the others in convolutions only (the dense-masked baseline of the benchmark).
 """
@@ -18,13 +26,22 @@ import torch.nn.functional as F
 
 from ssl3d.utils import as_triple
 
-from . import cpu_backend, reference
+from . import cpu_backend, dispatch, reference
+from .amp import compute_dtype
 from .norms import masked_norm
 from .tensor import Layout, as_layout
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "reference", "cpu", "triton")
+BACKENDS = ("auto", "reference", "gather", "cpu", "triton")
+ALIASES = {"cpu": "gather"}  # the gather path was CPU-only and called "cpu"; old configs keep working
+GATHER_MIN_SPEEDUP = 1.1
 
+
+def canonical_backend(backend: str) -> str:
+    """``backend`` with aliases resolved; ValueError naming the choices for an unknown one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sparse backend {backend!r}; choose one of {BACKENDS}")
+    return ALIASES.get(backend, backend)
 
 
 def _triton():
@@ -32,31 +49,79 @@ def _triton():
     return triton_backend
 
 
-def choose_conv_backend(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
-                        groups: int, lay_in: Layout, lay_out: Layout) -> str:
-    """Resolve "auto" (and unsupported explicit choices) to the backend that will run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown sparse backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "reference":
-        return "reference"
-    depthwise = groups > 1 and groups == x.shape[1] and weight.shape[1] == 1
-    if backend in ("auto", "triton") and x.is_cuda or backend == "triton":
-        tb = _triton()
-        if tb.available() and tb.supports(weight, stride, padding, dilation, groups, lay_in, lay_out):
-            return "triton"
-        if backend == "triton":
-            log.debug("triton backend cannot run this conv; using reference")
-            return "reference"
-    if x.is_cuda:
-        return "reference"
-    if not cpu_backend.supports(weight, stride, padding, dilation, lay_in, lay_out):
-        return "reference"
-    if backend == "cpu":
-        return "cpu"
+def _reference_impl(x, w, b, stride, padding, groups, lay_in, lay_out):
+    return reference.conv3d(x, w, b, stride, padding, 1, groups, lay_in, lay_out)
+
+
+def _triton_runnable(device: torch.device) -> str | None:
+    """None when Triton can run on ``device``, else why not."""
+    tb = _triton()
+    if not tb.available(device):
+        return "triton cannot be imported" if tb._kernels() is None else f"no CUDA device for {device}"
+    if device.type != "cuda" and not tb.interpreter_active():
+        return f"{device} tensors need TRITON_INTERPRET=1 set before triton is imported"
+    return None
+
+
+def cudnn_choice(device_type: str, weight: torch.Tensor, stride, padding, dilation, groups: int,
+                 lay_in: Layout, lay_out: Layout) -> str:
+    """The cost model's choice among the cuDNN/torch paths: "dense", "gather" or "reference"."""
     if lay_in.all_active and lay_out.all_active:
         return "dense"
-    return "cpu" if cpu_backend.estimated_speedup(lay_out, weight.shape[2:], stride, depthwise) > 1.1 \
-        else "reference"
+    if not cpu_backend.supports(weight, stride, padding, dilation, lay_in, lay_out):
+        return "reference"
+    depthwise = groups > 1 and weight.shape[1] == 1 and weight.shape[0] == groups
+    gain = cpu_backend.estimated_speedup(lay_out, weight.shape[2:], stride, depthwise, device_type)
+    return "gather" if gain > GATHER_MIN_SPEEDUP else "reference"
+
+
+def _resolve(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+             dilation, groups: int, lay_in: Layout, lay_out: Layout, x_shape=None):
+    """(backend that runs, cuDNN fallback, signature)."""
+    be = canonical_backend(backend)
+    sig = dispatch.ConvSignature.of(x.shape if x_shape is None else x_shape, weight, bias is not None, stride,
+                                    padding, groups, lay_in, lay_out, compute_dtype(x), x.device)
+    gather_ok = cpu_backend.supports(weight, stride, padding, dilation, lay_in, lay_out)
+    if be == "reference" or (be == "gather" and not gather_ok):
+        choice = base = "reference"
+    elif be == "gather":
+        choice = base = "gather"
+    elif be == "triton":
+        why = _triton_runnable(x.device)
+        if why is not None:
+            raise RuntimeError(f"sparse backend 'triton' was requested but cannot run: {why}")
+        choice = "triton" if _triton().supports(weight, stride, padding, dilation, groups, lay_in, lay_out) \
+            else "reference"
+        base = "reference"
+    else:
+        choice = base = cudnn_choice(x.device.type, weight, stride, padding, dilation, groups, lay_in, lay_out)
+        d = dispatch.get_dispatcher()
+        custom = {} if base == "dense" or any(v != 1 for v in dilation) else d.custom_candidates(
+            x.device, weight, stride, padding, dilation, groups, lay_in, lay_out)
+        if custom:
+            cudnn = {"reference": _reference_impl, **({"gather": cpu_backend.conv3d} if gather_ok else {})}
+            problem = dispatch.Problem(sig.x_shape, weight, bias, stride, padding, groups, lay_in, lay_out,
+                                       compute_dtype(x), x.device)
+            choice = d.choose(sig, problem, base, cudnn, custom)
+    dispatch.get_dispatcher().announce(sig, choice)
+    return choice, base, sig
+
+
+def choose_conv_backend(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
+                        groups: int, lay_in: Layout, lay_out: Layout, bias: torch.Tensor | None = None,
+                        x_shape: Sequence[int] | None = None) -> str:
+    """The backend that will run: "dense", "reference", "gather", "triton" (or an injected custom kernel).
+
+    ``x_shape`` is the dense ``(B, C, D, H, W)`` when ``x`` is a compact stack (module path)."""
+    return _resolve(backend, x, weight, bias, stride, padding, dilation, groups, lay_in, lay_out, x_shape)[0]
+
+
+def _run(be: str, x, weight, bias, s, p, d, groups, lin, lout) -> torch.Tensor:
+    if be == "dense":
+        return F.conv3d(x, weight, bias, s, p, d, groups)
+    if be == "gather":
+        return cpu_backend.conv3d(x, weight, bias, s, p, groups, lin, lout)
+    return reference.conv3d(x, weight, bias, s, p, d, groups, lin, lout)
 
 
 def sparse_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -67,7 +132,8 @@ def sparse_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``conv3d(x * m_in, w) * m_out`` (+ bias at visible outputs), computed on visible outputs only.
 
     ``mask_in`` is the mask at the input resolution, ``mask_out`` at the output resolution (they differ for
-    strided convs). Supports any kernel size, stride and groups (regular and depthwise).
+    strided convs). Supports any kernel size, stride and groups (regular and depthwise). Under autocast the
+    output has the autocast dtype, as ``conv3d``'s.
     """
     lin, lout = as_layout(mask_in), as_layout(mask_out)
     if lin is None and lout is None:
@@ -75,14 +141,17 @@ def sparse_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     s, p, d = as_triple(stride), as_triple(padding), as_triple(dilation)
     if lin is None or lout is None:
         return reference.conv3d(x, weight, bias, s, p, d, groups, lin, lout)
-    be = choose_conv_backend(backend, x, weight, s, p, d, groups, lin, lout)
-    if be == "dense":
-        return F.conv3d(x, weight, bias, s, p, d, groups)
-    if be == "cpu":
-        return cpu_backend.conv3d(x, weight, bias, s, p, groups, lin, lout)
-    if be == "triton":
-        return _triton().conv3d(x, weight, bias, s, p, groups, lin, lout)
-    return reference.conv3d(x, weight, bias, s, p, d, groups, lin, lout)
+    be, base, sig = _resolve(backend, x, weight, bias, s, p, d, groups, lin, lout)
+    if be in ("dense", "gather", "reference"):
+        return _run(be, x, weight, bias, s, p, d, groups, lin, lout)
+    if canonical_backend(backend) == "triton":
+        return _triton().conv3d(x, weight, bias, s, p, groups, lin, lout)  # explicit: errors propagate
+    disp = dispatch.get_dispatcher()
+    try:
+        return disp.impl(be)(x, weight, bias, s, p, groups, lin, lout)
+    except Exception as e:  # a verified kernel failed on this call: the cuDNN path from now on
+        disp.fail(sig, be, e, base)
+        return _run(base, x, weight, bias, s, p, d, groups, lin, lout)
 
 
 def sparse_conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -114,6 +183,14 @@ def sparse_avg_pool3d(x: torch.Tensor, kernel_size, stride=None, padding=0, ceil
                                 divisor_override, mask_in, mask_out)
 
 
+def _visible_voxels(lay: Layout) -> int:
+    """Visible voxels of the whole batch (host int, cached per layout: one device sync per layout)."""
+    n = lay.cache.get("n_visible_host")
+    if n is None:
+        n = lay.cache["n_visible_host"] = int(lay.visible_per_sample.sum())
+    return n
+
+
 def sparse_batch_norm(x: torch.Tensor, mask, running_mean, running_var, weight, bias, training: bool,
                       momentum: float | None, eps: float, num_batches_tracked=None, backend: str = "auto",
                       masked_input: bool = False, compact: bool = False) -> torch.Tensor:
@@ -128,7 +205,7 @@ def sparse_batch_norm(x: torch.Tensor, mask, running_mean, running_var, weight, 
     stats: list = []
     y = masked_norm(x, lay, "batch", weight, bias, eps, masked_input=masked_input, stats_out=stats,
                     compact=compact)
-    n = float(stats[2])
+    n = _visible_voxels(lay)
     if running_mean is not None and n > 1:
         with torch.no_grad():
             if num_batches_tracked is not None:
@@ -168,4 +245,4 @@ def sparse_layer_norm_cf(x: torch.Tensor, mask, weight, bias, eps: float, backen
 
 __all__ = ["sparse_conv3d", "sparse_conv_transpose3d", "sparse_max_pool3d", "sparse_avg_pool3d",
            "sparse_batch_norm", "sparse_instance_norm", "sparse_group_norm", "sparse_layer_norm_cf",
-           "choose_conv_backend", "BACKENDS"]
+           "choose_conv_backend", "cudnn_choice", "canonical_backend", "BACKENDS", "ALIASES"]

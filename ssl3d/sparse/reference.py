@@ -30,11 +30,12 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
            dilation: int | Sequence[int] = 1, groups: int = 1,
            mask_in: MaskLike = None, mask_out: MaskLike = None) -> torch.Tensor:
-    mi, mo = fmask(mask_in, x.dtype), fmask(mask_out, x.dtype)
-    if mi is None and mo is None:
+    mi = fmask(mask_in, x.dtype)
+    if mi is None and mask_out is None:
         return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
     y = F.conv3d(x if mi is None else x * mi, weight, None, stride, padding, dilation, groups)
     y = _bias(y, bias)
+    mo = fmask(mask_out, y.dtype)  # y's dtype: under autocast the conv ran in bf16/fp16, keep it there
     return y if mo is None else y * mo
 
 
