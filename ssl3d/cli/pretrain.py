@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's, see README)")
     p.add_argument("--seed", type=int, default=None,
                    help=f"seed for masks, initialisation, data order and augmentation (default {DEFAULT_SEED})")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"],
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "gather", "cpu", "triton"],
                    help="sparse convolution backend (spark, hyspark)")
     p.add_argument("--size", default=None, help="architecture preset of the method (e.g. tiny, S, B)")
     p.add_argument("--method-kwargs", default=None, help="JSON dict of extra method arguments")

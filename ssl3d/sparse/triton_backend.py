@@ -202,9 +202,15 @@ class _TritonConv(torch.autograd.Function):
 
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
            padding: Sequence[int], groups: int, lay_in: Layout, lay_out: Layout) -> torch.Tensor:
-    """Sparse conv with Triton kernels; equals ``conv3d(x*m_in, w)*m_out`` (+bias at visible outputs)."""
+    """Sparse conv with Triton kernels; equals ``conv3d(x*m_in, w)*m_out`` (+bias at visible outputs).
+
+    Under autocast, inputs are cast as for ``conv3d`` and the kernels run in that dtype (``amp.py``); the
+    backward's only torch ops (layout copies, the bias-gradient sum) are not on autocast's lists."""
+    from .amp import cast_conv_inputs, no_autocast
     depthwise = groups != 1
-    return _TritonConv.apply(x, weight, bias, lay_in, lay_out, tuple(stride), tuple(padding), depthwise)
+    x, weight, bias = cast_conv_inputs(x, weight, bias)
+    with no_autocast(x.device):
+        return _TritonConv.apply(x, weight, bias, lay_in, lay_out, tuple(stride), tuple(padding), depthwise)
 
 
 __all__ = ["available", "supports", "conv3d", "active_tiles"]
