@@ -35,11 +35,11 @@ _LOW = (torch.float16, torch.bfloat16)
 def _bc_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-(row, channel) dot products of ``(R, C, S)`` tensors; ``b`` may be ``(R, 1, S)`` (broadcast).
 
-    fp32/fp64: a bmm, no full-size temporary. bf16/fp16: the products summed in fp32 (a bmm would round each
-    sum to the input dtype)."""
+    fp32/fp64: a bmm, no full-size temporary. bf16/fp16: fp32 products and sums (a bmm would round each sum,
+    a product in the input dtype each term, to 8 bits; the backward subtracts ``mean * sum(g)`` from them)."""
     r, c, s = a.shape
     if a.dtype in _LOW:
-        return (a * b).sum(2, dtype=torch.float32)
+        return (a.float() * b).sum(2)
     if b.shape[1] == 1:
         return torch.bmm(a, b.reshape(r, s, 1)).view(r, c)
     return torch.bmm(a.reshape(r * c, 1, s), b.reshape(r * c, s, 1)).view(r, c)
@@ -81,9 +81,10 @@ class _MaskedNorm(torch.autograd.Function):
         w = weight.to(torch.float64)[None] if weight is not None else torch.ones_like(rstd)
         b = bias.to(torch.float64)[None] if bias is not None else torch.zeros_like(rstd)
         e = (1,) * (x.dim() - 2)
-        scale = _to_rows((rstd * w).to(x.dtype), seg).view(rows, c, *e)
-        shift = _to_rows((b - mean * rstd * w).to(x.dtype), seg).view(rows, c, *e)
-        y = torch.addcmul(shift, x, scale)
+        cdt = torch.float32 if x.dtype in _LOW else x.dtype  # bf16 shift/scale would lose |mean|/std * 2^-9
+        scale = _to_rows((rstd * w).to(cdt), seg).view(rows, c, *e)
+        shift = _to_rows((b - mean * rstd * w).to(cdt), seg).view(rows, c, *e)
+        y = torch.addcmul(shift, x, scale, out=torch.empty_like(x))  # computed in cdt, rounded once to x's dtype
         if m is not None:
             y.mul_(m.to(y.dtype))
         if stats_out is not None:
@@ -128,13 +129,16 @@ class _MaskedNorm(torch.autograd.Function):
             ccoef = -rstd * sg / safe - bcoef * mean
             e = (1,) * (x.dim() - 2)
 
+            cdt = torch.float32 if gy.dtype in _LOW else gy.dtype  # the a*g + b*x + c terms cancel
+
             def per_row(t):
-                return _to_rows(t.to(gy.dtype), seg).view(rows, c, *e)
+                return _to_rows(t.to(cdt), seg).view(rows, c, *e)
 
             gx = torch.addcmul(per_row(ccoef), gy, per_row(a))
             gx.addcmul_(x, per_row(bcoef))
             if m is not None:
-                gx.mul_(m.to(gy.dtype))
+                gx.mul_(m.to(gx.dtype))
+            gx = gx.to(gy.dtype)
         return gx, gw, gb, None, None, None, None, None, None, None
 
 
