@@ -1,12 +1,34 @@
-"""Reconstruction losses shared by the masked-image-modeling methods."""
+"""Reconstruction and contrastive losses shared by the methods, always computed in fp32.
+
+Under autocast, matmuls (InfoNCE logits) would run in bf16/fp16 even on float inputs, and sums of squared
+errors over 10^5 voxels lose precision; ``fp32_loss`` disables autocast inside a loss and casts its floating
+inputs to float32, so the loss and its first backward step are fp32 whatever the network ran in.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from ssl3d.architectures.vit import patchify
+
+_Fn = TypeVar("_Fn", bound=Callable)
+
+
+def _to_fp32(a):
+    return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+
+def fp32_loss(fn: _Fn) -> _Fn:
+    """Run ``fn`` with autocast off and its floating tensor arguments cast to float32."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False):
+            return fn(*map(_to_fp32, args), **{k: _to_fp32(v) for k, v in kwargs.items()})
+    return wrapper  # type: ignore[return-value]
 
 
 def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -16,6 +38,7 @@ def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Te
     return (target - mean) / std, mean, std
 
 
+@fp32_loss
 def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """MSE between predicted and per-patch normalized target patches, averaged over masked patches only.
 
@@ -40,6 +63,7 @@ def denormalize_prediction(pred: torch.Tensor, image: torch.Tensor, cell: Sequen
     return pred.float() * std + mean
 
 
+@fp32_loss
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
              temperature: float = 0.1) -> tuple[torch.Tensor, float]:
     """InfoNCE over cosine similarities: query i's positive is ``keys[targets[i]]``, every other key is a
@@ -49,11 +73,13 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
     return F.cross_entropy(logits, targets), acc
 
 
+@fp32_loss
 def negative_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BYOL's regression loss 2 − 2·cos(p, z), averaged (pass ``target`` detached for a stop-gradient)."""
     return (2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1)).mean()
 
 
+@fp32_loss
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """SimCLR's NT-Xent with negatives from the whole global batch: under DDP the keys of every rank are gathered
     with their gradients, so the loss (mean over this rank's 2n queries) and, after DDP's gradient averaging,

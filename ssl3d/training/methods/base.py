@@ -9,7 +9,7 @@ network's ``patch_size`` unless a method samples views from a larger region); ``
 deterministic view of such a crop that ``reconstruct`` works on. ``set_progress`` / ``after_optimizer_step``
 serve schedules and EMA teachers; ``stats`` holds detached diagnostics of the last forward (collapse guards).
 ``reconstruct`` gives image-space predictions for previews, ``downstream_state_dict`` the encoder weights under
-the downstream network's key names.
+the downstream network's key names; ``checkpoint_stages`` lists what activation checkpointing may recompute.
 """
 from __future__ import annotations
 
@@ -60,6 +60,20 @@ class SSLMethod(nn.Module):
                     spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
         """``(B, gz, gy, gx)`` bool, True = visible, exactly round(ratio * cells) masked per sample."""
         return random_cell_mask(batch, self.mask_grid(spatial_shape), ratio, generator, device)
+
+    def checkpoint_stages(self) -> list[nn.Module]:
+        """Encoder/decoder stages that ``--checkpoint-activations`` recomputes in backward (none by default)."""
+        return []
+
+    def enable_activation_checkpointing(self) -> None:
+        """Checkpoint every module of :meth:`checkpoint_stages` (same outputs and gradients, less memory)."""
+        from ssl3d.training.methods.checkpointing import checkpoint_module
+
+        stages = self.checkpoint_stages()
+        if not stages:
+            raise ValueError(f"method '{self.name}' does not support activation checkpointing")
+        for m in stages:
+            checkpoint_module(m)
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover - abstract

@@ -61,6 +61,12 @@ class DensifyDecoderMethod(SSLMethod):
     def encode(self, x: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
+    def encoder_stages(self) -> list[nn.Module]:  # pragma: no cover
+        raise NotImplementedError
+
+    def checkpoint_stages(self) -> list[nn.Module]:
+        return [*self.encoder_stages(), *self.decoder.stages]
+
     def _predict(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.densify(self.encode(x, visible), visible))
 

@@ -30,6 +30,9 @@ class HySparK3D(DensifyDecoderMethod):
     def encode(self, x: torch.Tensor, visible: torch.Tensor | None) -> list[torch.Tensor]:
         return self.encoder(x, visible)
 
+    def encoder_stages(self) -> list[torch.nn.Module]:
+        return [*self.encoder.cnn.stages, *self.encoder.vit.blocks]
+
     def downstream_architecture(self) -> dict:
         return {"network_class_name": "ssl3d.architectures.hybrid.HybridUNet", "arch_kwargs": dict(self.arch_kwargs),
                 "_kw_requires_import": []}
@@ -42,7 +45,7 @@ class HySparK3D(DensifyDecoderMethod):
 # HySparK paper: AdamW, lr 1e-4 (no batch scaling), cosine; the authors' code: betas (0.9, 0.999), clip 5
 @register_method("hyspark", "HySparK: sparse MedNeXt CNN + ViT on visible tokens, bottom-up masks, skip concat",
                  sparse=True, trainer_name="HySparKPretrainer", downstream="ssl3d.architectures.hybrid.HybridUNet",
-                 transformer=True, tiny={"size": "tiny"},
+                 transformer=True, checkpointing=True, tiny={"size": "tiny"},
                  optim=OptimDefaults(lr=1e-4, scale_lr_with_batch=False, betas=(0.9, 0.999), grad_clip=5.0))
 def build_hyspark(plans: dict, configuration: dict, num_input_channels: int, size: str = "S",
                   backend: str = "auto", **overrides) -> HySparK3D:

@@ -61,6 +61,9 @@ class MAE3d(SSLMethod):
         keep = upsample_mask(visible.reshape(x.shape[0], *grid), x.shape[2:])[:, None]
         return torch.where(keep, x, image.to(x.dtype))
 
+    def checkpoint_stages(self) -> list[nn.Module]:
+        return [*self.encoder.blocks.blocks, *self.decoder.blocks]
+
     def downstream_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
 
@@ -75,7 +78,7 @@ class MAE3d(SSLMethod):
 
 @register_method("mae", "3D ViT masked autoencoder on visible patches, light transformer decoder",
                  trainer_name="MAEPretrainer", downstream="ssl3d.architectures.vit_unet.ViTSegNet", transformer=True,
-                 single_output=True, tiny={"size": "tiny"})
+                 single_output=True, checkpointing=True, tiny={"size": "tiny"})
 def build_mae(plans: dict, configuration: dict, num_input_channels: int, size: str = "S", **overrides) -> MAE3d:
     if size not in PRESETS:
         raise ValueError(f"unknown MAE size '{size}' ({', '.join(PRESETS)})")

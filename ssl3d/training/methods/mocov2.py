@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ssl3d.architectures.from_plans import scaled_architecture
 from ssl3d.training.distillation import gather_no_grad, projection_mlp
+from ssl3d.training.losses import fp32_loss
 from ssl3d.training.methods.registry import OptimDefaults, register_method
 from ssl3d.training.methods.twoview import TwoViewMethod
 
@@ -33,6 +34,7 @@ class MoCoV2(TwoViewMethod):
         with torch.no_grad():
             return F.normalize(self.key_encoder["projector"](self.embed(x, self.key_encoder["encoder"])), dim=1)
 
+    @fp32_loss
     def contrast(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, float]:
         q = F.normalize(q.float(), dim=1)
         logits = torch.cat([(q * k).sum(1, keepdim=True), q @ self.queue.clone().T], 1) / self.temperature

@@ -52,6 +52,7 @@ class MethodSpec:
     optim: OptimDefaults = field(default_factory=OptimDefaults)
     mask_ratio: float | None = None  # the paper's ratio (None: the plans' mask_ratio)
     tiny: dict[str, Any] = field(default_factory=dict)  # kwargs of a tiny configuration (tests, CPU demos)
+    checkpointing: bool = False  # has checkpoint_stages (ssl_pretrain --checkpoint-activations)
 
     def build(self, plans: dict, configuration: dict, num_input_channels: int, **kwargs) -> SSLMethod:
         return self.builder(plans, configuration, num_input_channels, **kwargs)

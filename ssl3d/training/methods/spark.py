@@ -33,6 +33,9 @@ class SparK3D(DensifyDecoderMethod):
         """Per-stage encoder features; with a mask only visible voxels are computed (masked ones are 0)."""
         return sparse_forward(self.encoder, x, visible)
 
+    def encoder_stages(self) -> list[torch.nn.Module]:
+        return [self.encoder.stem, *self.encoder.stages] if self.encoder.stem is not None else [*self.encoder.stages]
+
     def downstream_architecture(self) -> dict:
         return self.architecture
 
@@ -43,7 +46,7 @@ class SparK3D(DensifyDecoderMethod):
 
 
 @register_method("spark", "SparK: sparse ResEnc CNN (planned topology), densify + light decoder, skip addition",
-                 sparse=True, trainer_name="SparKPretrainer",
+                 sparse=True, checkpointing=True, trainer_name="SparKPretrainer",
                  downstream="dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
                  tiny={"size": "tiny"})
 def build_spark(plans: dict, configuration: dict, num_input_channels: int, size: str = "planned",

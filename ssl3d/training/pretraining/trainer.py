@@ -2,12 +2,19 @@
 
 Kept from ``nnUNetTrainer``: the training loop (``run_training``), results folder layout, text log,
 ``progress.png``, checkpoint_latest/best/final and ``--c`` resume, plans/dataset.json/fingerprint copies,
-CPU/CUDA devices, AMP + GradScaler on CUDA, DDP. Replaced hooks: the network (an SSL method from the
+CPU/CUDA devices, DDP. Replaced hooks: the network (an SSL method from the
 registry), the loss (inside the method), data loading (random crops of the planned patch, mirroring, no label
 oversampling, seeded workers), the train/validation steps (masks drawn per step and passed explicitly;
 validation = reconstruction loss on held-out cases with fixed masks), per-iteration warm-up + cosine AdamW
 with the method's own defaults, and epoch-end bookkeeping (best = lowest validation loss, kept in
 ``best_val_loss``). DDP also works under ``torchrun`` and with gloo on CPU.
+
+Memory/precision options (attributes): ``amp`` ("bf16", "fp16", "off"; None = bf16 on GPUs that support it,
+else fp16, off on CPU) resolved in ``initialize`` to ``amp_dtype``, with nnU-Net's ``grad_scaler`` kept for fp16
+only; ``grad_accum`` N splits each step's batch (masks drawn for the whole batch) into N micro-batches whose
+losses are weighted by their share of the batch, so one step equals the step on the whole batch for
+per-sample losses; DDP syncs gradients on the last micro-batch only; the schedule counts optimizer steps.
+``checkpoint_activations`` recomputes the method's encoder/decoder stages in backward.
 """
 from __future__ import annotations
 
@@ -33,13 +40,13 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from ssl3d.training.checkpoints import CheckpointExtrasMixin
 from ssl3d.training.methods import MethodSpec, SSLMethod, get_method_spec
-from ssl3d.training.optim import WarmupCosine, optimizer_step, param_groups
+from ssl3d.training.optim import WarmupCosine, backward, clip_and_step, param_groups, resolve_amp
 from ssl3d.training.pretraining.previews import save_reconstruction_preview
 from ssl3d.training.pretraining.views import TwoViewDataLoader, contrastive_view_transforms
 from ssl3d.training.seeding import derive_seed, seed_everything, worker_seeds
 from ssl3d.training.stepwise import StepwiseScheduleMixin
 from ssl3d.training.trainer_init import TrainerInitMixin
-from ssl3d.utils import DEFAULT_SEED, unwrap_network, write_json
+from ssl3d.utils import DEFAULT_SEED, DiesWithParent, unwrap_network, write_json
 
 COLLAPSE_STD = 1e-3  # per-dimension std of L2-normalized embeddings; ~1/sqrt(dim) when spread, 0 when collapsed
 
@@ -60,6 +67,10 @@ class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, TrainerInitMix
         self.mask_ratio = float(spec_ratio if spec_ratio is not None else ssl.get("mask_ratio", 0.75))
         self.method_kwargs: dict = {}
         self.sparse_backend = "auto"
+        self.amp: str | None = None  # "bf16" | "fp16" | "off"; None: the device's default (see resolve_amp)
+        self.amp_dtype: torch.dtype | None = None  # resolved in initialize
+        self.grad_accum = 1  # micro-batches per optimizer step (the batch is split)
+        self.checkpoint_activations = False
         self.weight_decay = optim.weight_decay
         self.betas = tuple(optim.betas)
         self.warmup_fraction = optim.warmup_fraction
@@ -103,7 +114,10 @@ class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, TrainerInitMix
         self._set_batch_size_and_oversample()
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
+        self._setup_memory_options()
         self.network = self.build_ssl_network().to(self.device)
+        if self.checkpoint_activations:
+            self.network.enable_activation_checkpointing()
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -111,6 +125,21 @@ class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, TrainerInitMix
         self.loss = None
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.was_initialized = True
+
+    def _setup_memory_options(self) -> None:
+        """AMP dtype and grad scaler (fp16 only) from ``amp``; the micro-batch split must be exact."""
+        self.amp_dtype = resolve_amp(self.amp, self.device)
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.grad_accum = int(self.grad_accum)
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum {self.grad_accum} must be >= 1 and divide the batch per rank "
+                             f"({self.batch_size})")
+
+    def autocast_context(self):
+        """The forward's autocast context (``amp_dtype``), or none."""
+        if self.amp_dtype is None:
+            return dummy_context()
+        return autocast(self.device.type, dtype=self.amp_dtype)
 
     def _global_batch_size(self) -> int:
         return int(self.configuration_manager.batch_size)
@@ -168,9 +197,9 @@ class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, TrainerInitMix
             return SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
         pin = self.device.type == "cuda"
         n_val = max(1, n_proc // 2)
-        return (NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2),
+        return (NonDetMultiThreadedAugmenter(DiesWithParent(dl_tr), None, n_proc, max(6, n_proc // 2),
                                              worker_seeds(self.seed, self.local_rank, "train", n_proc), pin, 0.002),
-                NonDetMultiThreadedAugmenter(dl_val, None, n_val, max(3, n_proc // 4),
+                NonDetMultiThreadedAugmenter(DiesWithParent(dl_val), None, n_val, max(3, n_proc // 4),
                                              worker_seeds(self.seed, self.local_rank, "val", n_val), pin, 0.002))
 
     def _generator(self, stream: int, index: int) -> torch.Generator:
@@ -193,6 +222,8 @@ class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, TrainerInitMix
                         "batch_size": self._global_batch_size(), "num_epochs": self.num_epochs,
                         "num_iterations_per_epoch": self.num_iterations_per_epoch,
                         "sparse_backend": self.sparse_backend, "method_kwargs": self.method_kwargs,
+                        "amp": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "off",
+                        "grad_accum": self.grad_accum, "checkpoint_activations": self.checkpoint_activations,
                         "downstream_architecture": self._downstream_architecture()})
             # folds may differ (--size, --patch-size): each keeps its own description, read before the shared one
             for name in ("ssl_method.json", "plans.json"):
@@ -217,17 +248,30 @@ class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, TrainerInitMix
         return self.num_epochs * self.num_iterations_per_epoch
 
     def train_step(self, batch: dict) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches of the batch (masks drawn for the whole batch)."""
         data = batch["data"].to(self.device, non_blocking=True)
         visible = self._masks(data, 0, self.global_step)
         self.ssl_method.set_progress(self.global_step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss = self.compute_loss(data, visible, self._generator(4, self.global_step))
-        optimizer_step(loss, self.optimizer, self.trained_parameters(), self.grad_clip, self.grad_scaler)
+        generator = self._generator(4, self.global_step)
+        n = self.grad_accum
+        total = torch.zeros((), device=self.device)
+        stats: list[dict] = []
+        for i, (d, v) in enumerate(zip(data.tensor_split(n), visible.tensor_split(n))):
+            sync = i == n - 1 or not self.is_ddp  # DDP all-reduces the accumulated gradients once, at the last
+            with dummy_context() if sync else self.network.no_sync():
+                with self.autocast_context():
+                    loss = self.compute_loss(d, v, generator)
+                    if n > 1:
+                        loss = loss * (d.shape[0] / data.shape[0])
+                backward(loss, self.grad_scaler)
+            total += loss.detach().float()
+            stats.append(dict(self.ssl_method.stats))
+        clip_and_step(self.optimizer, self.trained_parameters(), self.grad_clip, self.grad_scaler)
         self.after_optimizer_step()
-        value = loss.detach().cpu().numpy()
+        value = total.cpu().numpy()
         self.advance_step(float(value))
-        return {"loss": value, **self.ssl_method.stats}
+        return {"loss": value, **{k: float(np.mean([s[k] for s in stats if k in s])) for k in stats[-1]}}
 
     def after_optimizer_step(self) -> None:
         """EMA teachers and the like (runs identically on every rank after the step)."""
@@ -261,7 +305,7 @@ class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, TrainerInitMix
         visible = self._masks(data, 1, self._val_index)
         g = self._generator(5, self._val_index)
         self._val_index += 1
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self.autocast_context():
             loss = self.network(data, visible, generator=g)
         return {"loss": loss.detach().cpu().numpy()}
 
