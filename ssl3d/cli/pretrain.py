@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seed for masks, initialisation, data order and augmentation (default {DEFAULT_SEED})")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "gather", "cpu", "triton"],
                    help="sparse convolution backend (spark, hyspark)")
+    mem = p.add_argument_group("precision and memory")
+    mem.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+                     help="autocast dtype (default: bf16 on GPUs that support it, else fp16 with a gradient scaler; "
+                          "off on CPU; bf16 also runs on CPU); losses are computed in fp32")
+    mem.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                     help="split each step's batch (--batch-size, masks drawn for all of it) into N micro-batches "
+                          "and accumulate their gradients: the step equals one on the whole batch for the "
+                          "reconstruction methods; for contrastive methods (simclr, byol, mocov2, voco, mim's "
+                          "alignment) negatives stay per micro-batch; epochs and the LR schedule count steps")
+    mem.add_argument("--checkpoint-activations", action="store_true",
+                     help="recompute encoder/decoder stage activations in backward (less memory, one more forward of "
+                          "those stages per step; spark, hyspark, mae)")
     p.add_argument("--size", default=None, help="architecture preset of the method (e.g. tiny, S, B)")
     p.add_argument("--method-kwargs", default=None, help="JSON dict of extra method arguments")
     p.add_argument("--save-every", type=int, default=None)
@@ -76,6 +88,24 @@ def _maybe_init_distributed(device: str) -> None:
             dist.init_process_group(backend=backend)
 
 
+def _check_memory_options(args: argparse.Namespace, config: dict) -> None:
+    import torch
+
+    from ssl3d.training.methods import get_method_spec
+    from ssl3d.training.optim import resolve_amp
+
+    try:
+        resolve_amp(args.amp, torch.device(args.device))
+    except ValueError as e:
+        raise SystemExit(f"ssl_pretrain: error: {e}") from None
+    per_rank = int(config["batch_size"]) // int(os.environ.get("WORLD_SIZE", "1"))
+    if args.grad_accum < 1 or per_rank % args.grad_accum:
+        raise SystemExit(f"ssl_pretrain: error: --grad-accum {args.grad_accum} must be >= 1 and divide the batch "
+                         f"per rank ({per_rank})")
+    if args.checkpoint_activations and not get_method_spec(args.method).checkpointing:
+        raise SystemExit(f"ssl_pretrain: error: --checkpoint-activations is not supported by {args.method}")
+
+
 def make_trainer(args: argparse.Namespace):
     """Resolve the pool, apply CLI overrides to the plans, set up DDP if launched by torchrun, build the trainer."""
     import torch
@@ -104,6 +134,7 @@ def make_trainer(args: argparse.Namespace):
             raise SystemExit("ssl_pretrain: error: --mask-ratio must be in (0, 1)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("ssl_pretrain: error: CUDA is not available; use -device cpu")
+    _check_memory_options(args, config)
     _maybe_init_distributed(args.device)
     fold = args.fold if args.fold == "all" else int(args.fold)
     trainer = pretrainer_class(args.method)(plans, "3d_fullres", fold, read_json(pool / "dataset.json"),
@@ -116,6 +147,8 @@ def make_trainer(args: argparse.Namespace):
     if args.mask_ratio is not None:
         trainer.mask_ratio = args.mask_ratio  # over the method's paper ratio and the plans' default
     trainer.sparse_backend = args.backend
+    trainer.amp, trainer.grad_accum = args.amp, args.grad_accum
+    trainer.checkpoint_activations = args.checkpoint_activations
     trainer.show_progress = not args.no_progress
     kwargs = json.loads(args.method_kwargs) if args.method_kwargs else {}
     if args.size:
