@@ -23,11 +23,12 @@ import argparse
 import logging
 from pathlib import Path
 
+from ssl3d.cli import validate as V
 from ssl3d.cli.common import run_cli
-from ssl3d.evaluation.protocol import PRESETS
-from ssl3d.training.methods import available_methods
+from ssl3d.training.method_names import method_descriptions
 from ssl3d.utils import BadInputError
 
+PRESET_NAMES = ("paper", "small")  # ssl3d.evaluation.protocol.PRESETS (checked by a test; keeps --help light)
 SEG_ONLY = {"n_train": "--n-train", "test": "--test", "test_fraction": "--test-fraction", "cka": "--cka",
             "warmup": "--warmup", "optimizer": "--optimizer"}
 CLS_ONLY = {"fractions": "--fractions", "linear": "--linear", "labels": "--labels", "f": "-f", "l2": "--l2"}
@@ -43,36 +44,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seg: nnU-Net segmentation arms (default); cls: case classification arms (ssl_finetune_cls)")
     p.add_argument("-l", required=True, metavar="DATASET",
                    help="labeled nnU-Net raw dataset (id or name; for cls also a path), with case labels for cls")
-    p.add_argument("-m", nargs="+", required=True, choices=sorted(available_methods()), metavar="METHOD",
-                   help=f"methods: {', '.join(sorted(available_methods()))}")
+    p.add_argument("-m", nargs="+", required=True, choices=sorted(method_descriptions()), metavar="METHOD",
+                   help=f"methods: {', '.join(sorted(method_descriptions()))}")
     p.add_argument("-o", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("-p", nargs="*", default=[], metavar="METHOD=PATH",
                    help="finished pretraining results to use instead of pretraining")
     p.add_argument("--scratch", action="store_true", help="add the same networks trained from scratch")
-    p.add_argument("--n-train", nargs="+", default=None, help="seg: labeled training cases per arm (default 1 2 all)")
-    p.add_argument("--seeds", type=int, default=None,
+    p.add_argument("--n-train", nargs="+", type=V.count_or_all, default=None, help="seg: labeled training cases per arm (default 1 2 all)")
+    p.add_argument("--seeds", type=V.positive_int, default=None,
                    help="seeds per (method, label count | fraction) (default 2 for seg, 5 for cls)")
     p.add_argument("--test", default=None,
                    help="seg: held-out test set: raw dataset folder or folder with images/labels")
-    p.add_argument("--test-fraction", type=float, default=None,
+    p.add_argument("--test-fraction", type=V.open_unit, default=None,
                    help="seg, without --test: fraction of labeled cases held out (seeded, at least one; default 1/3)")
     c = p.add_argument_group("classification (--task cls)")
-    c.add_argument("--fractions", type=float, nargs="+", default=None,
+    c.add_argument("--fractions", type=V.unit_fraction, nargs="+", default=None,
                    help="label budgets as fractions of the fold's training cases (default 1 0.5 0.25 0.1 0.05)")
     c.add_argument("--linear", action="store_true", help="also a linear probe on the frozen encoder per method")
     c.add_argument("--labels", default=None, help="CSV 'case_id,label' (default: dataset.json ssl3d_case_labels)")
-    c.add_argument("-f", type=int, default=None, help="stratified fold whose held-out cases are scored (default 0)")
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS),
+    c.add_argument("-f", type=V.nonnegative_int, default=None, help="stratified fold whose held-out cases are scored (default 0)")
+    p.add_argument("--preset", default="small", choices=PRESET_NAMES,
                    help="small: tiny networks, short schedules (CPU); paper: planned networks, full schedules (GPU)")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
-    p.add_argument("-np", type=int, default=2, help="processes for nnU-Net's preprocessing")
+    p.add_argument("-np", type=V.positive_int, default=2, help="processes for nnU-Net's preprocessing")
     g = p.add_argument_group("preset overrides")
-    for key, kind in (("pretrain_epochs", int), ("pretrain_iters", int), ("ft_epochs", int), ("ft_iters", int),
-                      ("ft_lr", float), ("encoder_lr_factor", float)):
+    for key, kind in (("pretrain_epochs", V.positive_int), ("pretrain_iters", V.positive_int),
+                      ("ft_epochs", V.positive_int), ("ft_iters", V.positive_int), ("ft_lr", V.positive_float),
+                      ("encoder_lr_factor", V.nonnegative_float)):
         g.add_argument("--" + key.replace("_", "-"), type=kind, default=None, dest=key)
-    g.add_argument("--l2", type=float, default=None, help="cls, linear probe: L2 penalty of the logistic regression")
+    g.add_argument("--l2", type=V.nonnegative_float, default=None, help="cls, linear probe: L2 penalty of the logistic regression")
     g.add_argument("--size", default=None, help="architecture preset of the methods (tiny, planned/S, ...)")
-    g.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
+    g.add_argument("--patch-size", type=V.positive_int, nargs=3, default=None, metavar=("Z", "Y", "X"))
     g.add_argument("--warmup", choices=["linear", "decoder"], default=None)
     g.add_argument("--optimizer", choices=["auto", "sgd", "adamw"], default=None, help="fine-tuning optimizer")
     p.add_argument("--cka", action="store_true",
@@ -94,11 +96,8 @@ def _pretrained(items: list[str]) -> dict[str, Path]:
 def _run(args: argparse.Namespace) -> int:
     from ssl3d.evaluation.runner import BenchmarkConfig, run_benchmark
 
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BadInputError(None, "CUDA is not available; use -device cpu")
+    V.check_device(args.device)
+    V.check_writable(args.o)
     other = CLS_ONLY if args.task == "seg" else SEG_ONLY  # an option of the other task would be ignored silently
     given = [flag for key, flag in other.items() if getattr(args, key) is not None and getattr(args, key) is not False]
     if given:

@@ -3,12 +3,31 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
+import warnings
 from typing import Callable
 
 from ssl3d.utils import BadInputError, BadInputs
 
 EXIT_BAD_INPUT = 2
+
+# third-party warnings that tell a user nothing: (message prefix, category); also handed to child processes
+# (nnUNetv2_train, multiprocessing's resource tracker) through PYTHONWARNINGS
+QUIET_WARNINGS = (
+    ("`torch.jit.", FutureWarning),  # deprecated torch.jit APIs used inside nnU-Net's dependencies
+    ("torch.cuda.amp.GradScaler is enabled, but CUDA is not available", UserWarning),
+    ("resource_tracker: There appear to be", UserWarning),  # semaphores of data-loader workers ended by a kill
+)
+
+
+def quiet_third_party_warnings() -> None:
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category)
+    given = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    ours = [f"ignore:{m}:{c.__name__}" for m, c in QUIET_WARNINGS]
+    os.environ["PYTHONWARNINGS"] = ",".join(given + [w for w in ours if w not in given])
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -23,6 +42,7 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
             argv: list[str] | None = None) -> int:
     """Parse, run, and map known failures to one-line messages without tracebacks."""
     args = parser.parse_args(argv)
+    quiet_third_party_warnings()
     setup_logging(getattr(args, "verbose", False))
     try:
         return int(body(args) or 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ssl3d.cli import validate as V
 from ssl3d.cli.common import run_cli
 
 logger = logging.getLogger("ssl3d")
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", required=True, help="pretraining results folder (<Trainer>__ssl3dPlans__3d_fullres)")
     p.add_argument("-i", required=True, help="folder of images (or one image file)")
     p.add_argument("-o", required=True, help="output folder for the features")
-    p.add_argument("-f", default="0", help="fold of the pretraining (default 0)")
+    p.add_argument("-f", default="0", type=V.fold, help="fold of the pretraining (default 0)")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--stages", action="store_true", help="also save every stage's feature map of the whole image")
     p.add_argument("--overwrite", action="store_true", help="recompute cases that already have features")
@@ -37,6 +38,8 @@ def _run(args: argparse.Namespace) -> int:
     # imported here so --help and argument errors stay fast (torch, nnU-Net)
     from ssl3d.inference.features import extract_features
 
+    V.check_device(args.device)
+    V.check_writable(args.o, "features folder")
     res = extract_features(args.p, args.i, args.o, stages=args.stages, device=args.device, fold=args.f,
                            overwrite=args.overwrite, progress=not args.no_progress)
     logger.info("%s: %d cases, embedding dim %d (%s, stage channels %s)", args.o, res["num_cases"],

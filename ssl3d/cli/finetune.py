@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+from ssl3d.cli import validate as V
 from ssl3d.cli.common import run_cli
 from ssl3d.data.labeled import check_labeled_dataset, encoder_channels
 from ssl3d.inference.nnunet_bridge import ext_trainer_path, nnunet_dataset_name, run_nnunet
@@ -25,22 +27,25 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", required=True, help="labeled nnU-Net raw dataset (id or name)")
     p.add_argument("-p", required=True, help="pretraining results folder (<Trainer>__ssl3dPlans__3d_fullres)")
-    p.add_argument("-f", default="0", help="fold (0-4 or all)")
+    p.add_argument("-f", default="0", type=V.fold, help="fold (0-4 or all)")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
-    p.add_argument("-np", type=int, default=4, help="processes for nnU-Net's fingerprint and preprocessing")
+    p.add_argument("-np", type=V.positive_int, default=4, help="processes for nnU-Net's fingerprint and preprocessing")
     p.add_argument("--scratch", action="store_true", help="same plans and schedule, no pretrained weights")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--val-iters", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--c", action="store_true", help="continue this fold's unfinished training (a finished one is "
+                                                    "reported, not redone)")
+    V.add_overwrite(p)
+    p.add_argument("--epochs", type=V.positive_int, default=None)
+    p.add_argument("--iters", type=V.positive_int, default=None)
+    p.add_argument("--val-iters", type=V.positive_int, default=None)
+    p.add_argument("--batch-size", type=V.positive_int, default=2)
+    p.add_argument("--lr", type=V.positive_float, default=None)
     p.add_argument("--warmup", choices=["linear", "decoder"], default="linear")
-    p.add_argument("--warmup-epochs", type=int, default=None)
-    p.add_argument("--encoder-lr-factor", type=float, default=1.0)
+    p.add_argument("--warmup-epochs", type=V.nonnegative_int, default=None)
+    p.add_argument("--encoder-lr-factor", type=V.nonnegative_float, default=1.0)
     p.add_argument("--optimizer", choices=["auto", "sgd", "adamw"], default="auto")
     shots = p.add_mutually_exclusive_group()
-    shots.add_argument("--n-train", type=int, default=None, help="few-shot: K training cases of the fold")
-    shots.add_argument("--fraction", type=float, default=None, help="few-shot: this fraction of the fold")
+    shots.add_argument("--n-train", type=V.positive_int, default=None, help="few-shot: K training cases of the fold")
+    shots.add_argument("--fraction", type=V.unit_fraction, default=None, help="few-shot: this fraction of the fold")
     p.add_argument("--seed", type=int, default=None,
                    help=f"seed for initialisation, data order and augmentation (default nnU-Net's {DEFAULT_SEED})")
     p.add_argument("--no-final-val", action="store_true", help="skip nnU-Net's final sliding-window validation")
@@ -52,15 +57,26 @@ def _run(args: argparse.Namespace) -> int:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from ssl3d.training.export import find_pretraining, load_pretrained_method, write_downstream_weights
 
+    V.require_env("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+    V.check_device(args.device)
+    if args.c and args.overwrite:
+        raise BadInputError(None, "--c and --overwrite exclude each other")
     pre_root = env_dir("nnUNet_preprocessed")
-    if pre_root is None or env_dir("nnUNet_raw") is None or env_dir("nnUNet_results") is None:
-        raise BadInputError(None, "set nnUNet_raw, nnUNet_preprocessed and nnUNet_results")
     dataset = nnunet_dataset_name(args.d)
     dataset_id = int(dataset[7:10])
     folder, ckpt = find_pretraining(args.p)
     method, pplans, info = load_pretrained_method(folder, ckpt)
-    check_labeled_dataset(env_dir("nnUNet_raw") / dataset, encoder_channels(pplans), args.np)  # before any write
     plans_name = f"ssl3d_{info['name']}Plans" + ("_scratch" if args.scratch else "")
+    fold_dir = env_dir("nnUNet_results") / dataset / f"SSLFinetuneTrainer__{plans_name}__3d_fullres" / f"fold_{args.f}"
+    if args.c and (fold_dir / "checkpoint_final.pth").is_file():
+        logger.info("already finished: %s (--overwrite trains it again)", fold_dir / "checkpoint_final.pth")
+        return 0
+    resume = args.c and (fold_dir / "checkpoint_latest.pth").is_file()
+    if not args.c and not args.overwrite:
+        V.refuse_finished(fold_dir)
+    for out in (pre_root / dataset, fold_dir):
+        V.check_writable(out)
+    check_labeled_dataset(env_dir("nnUNet_raw") / dataset, encoder_channels(pplans), args.np)  # before any write
     options = {k: v for k, v in {
         "num_epochs": args.epochs, "num_iterations_per_epoch": args.iters, "num_val_iterations_per_epoch":
         args.val_iters, "lr": args.lr, "warmup": args.warmup, "warmup_epochs": args.warmup_epochs,
@@ -83,7 +99,12 @@ def _run(args: argparse.Namespace) -> int:
         preprocess_dataset(dataset_id, plans_name, ("3d_fullres",), [args.np], verbose=False)
     cmd = ["nnUNetv2_train", dataset, "3d_fullres", args.f, "-p", plans_name, "-tr", "SSLFinetuneTrainer",
            "-device", args.device]
-    if not args.scratch:
+    if args.overwrite and not args.prepare_only:  # a killed new run must not look finished
+        for old in fold_dir.glob("checkpoint_*.pth"):
+            old.unlink()
+    if resume:
+        cmd.append("--c")  # nnU-Net continues from checkpoint_latest (its weights, not the pretrained ones)
+    elif not args.scratch:
         n_classes = len(read_json(raw_dj)["labels"])
         weights = target / f"{plans_name}__pretrained_weights.pth"
         write_downstream_weights(method, info, folder, ckpt, weights, n_classes,
@@ -102,11 +123,14 @@ def export_main(argv: list[str] | None = None) -> int:
                                 description="Write pretrained weights for nnUNetv2_train -pretrained_weights.")
     p.add_argument("-p", required=True, help="pretraining results folder")
     p.add_argument("-o", required=True, help="output .pth file")
-    p.add_argument("-f", default="0", help="pretraining fold (default 0)")
-    p.add_argument("--num-classes", type=int, default=2, help="segmentation heads (skipped by nnU-Net's loader)")
+    p.add_argument("-f", default="0", type=V.fold, help="pretraining fold (default 0)")
+    p.add_argument("--num-classes", type=V.positive_int, default=2,
+                   help="segmentation heads (skipped by nnU-Net's loader)")
 
     def body(a):
         from ssl3d.training.export import export_weights
+
+        V.check_writable(Path(a.o).absolute().parent, "folder of the output file")
 
         res = export_weights(a.p, a.o, a.num_classes, a.f)
         logger.info("downstream network: %s", res["architecture"]["network_class_name"])

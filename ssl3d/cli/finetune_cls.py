@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ssl3d.cli import validate as V
 from ssl3d.cli.common import run_cli
-from ssl3d.utils import DEFAULT_SEED
+from ssl3d.utils import DEFAULT_SEED, BadInputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,28 +22,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", required=True, help="nnU-Net raw dataset with case labels (id, name or path)")
     p.add_argument("-p", required=True, help="pretraining results folder (<Trainer>__ssl3dPlans__3d_fullres)")
     p.add_argument("--labels", default=None, help="CSV 'case_id,label' (default: dataset.json ssl3d_case_labels)")
-    p.add_argument("-f", type=int, default=0, help="stratified fold (default 0)")
+    p.add_argument("-f", type=V.nonnegative_int, default=0, help="stratified fold (default 0)")
     p.add_argument("--mode", choices=["finetune", "scratch", "linear"], default="finetune")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--iters", type=int, default=20, help="iterations per epoch")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (head; encoder x factor)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--encoder-lr-factor", type=float, default=1.0)
-    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay over encoder blocks, e.g. 0.75")
+    p.add_argument("--epochs", type=V.positive_int, default=20)
+    p.add_argument("--iters", type=V.positive_int, default=20, help="iterations per epoch")
+    p.add_argument("--lr", type=V.positive_float, default=1e-4,
+                   help="peak AdamW learning rate (head; encoder x factor)")
+    p.add_argument("--batch-size", type=V.positive_int, default=2)
+    p.add_argument("--encoder-lr-factor", type=V.nonnegative_float, default=1.0)
+    p.add_argument("--layer-decay", type=V.open_unit, default=None,
+                   help="layer-wise LR decay over encoder blocks, e.g. 0.75")
     p.add_argument("--class-balanced", action="store_true", help="inverse-frequency class weights in the loss")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--l2", type=float, default=1e-2, help="linear mode: L2 penalty of the logistic regression")
+    p.add_argument("--dropout", type=V.nonnegative_float, default=0.0)
+    p.add_argument("--l2", type=V.nonnegative_float, default=1e-2,
+                   help="linear mode: L2 penalty of the logistic regression")
     p.add_argument("--embedding-cache", default=None,
                    help="linear mode: folder of cached case embeddings, shared by probes of the same encoder "
                         "(default: embeddings/ next to the fold folders)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the label budget used for selection")
+    p.add_argument("--val-fraction", type=V.share, default=0.2,
+                   help="share of the label budget used for selection (0: none)")
     shots = p.add_mutually_exclusive_group()
-    shots.add_argument("--n-train", type=int, default=None, help="label budget: N cases of the fold (stratified)")
-    shots.add_argument("--fraction", type=float, default=None, help="label budget: this fraction of the fold")
+    shots.add_argument("--n-train", type=V.positive_int, default=None,
+                       help="label budget: N cases of the fold (stratified)")
+    shots.add_argument("--fraction", type=V.unit_fraction, default=None,
+                       help="label budget: this fraction of the fold")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="label budget, init, data order (default %(default)s)")
     p.add_argument("--c", action="store_true", help="continue from checkpoint_final/latest")
-    p.add_argument("-np", type=int, default=1, help="preprocessing processes")
+    V.add_overwrite(p)
+    p.add_argument("-np", type=V.positive_int, default=1, help="preprocessing processes")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -51,12 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(a: argparse.Namespace) -> int:
     from ssl3d.evaluation.classification import ClsOptions, run_classification
 
+    V.require_env("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+    V.check_device(a.device)
+    if a.c and a.overwrite:
+        raise BadInputError(None, "--c and --overwrite exclude each other")
+    V.check_writable(V.env_dir("nnUNet_preprocessed"))
+    V.check_writable(V.env_dir("nnUNet_results"))
     run_classification(ClsOptions(
         dataset=a.d, pretraining=a.p, labels_csv=a.labels, fold=a.f, mode=a.mode, epochs=a.epochs, iters=a.iters,
         lr=a.lr, batch_size=a.batch_size, device=a.device, fraction=a.fraction, n_train=a.n_train, seed=a.seed,
         val_fraction=a.val_fraction, encoder_lr_factor=a.encoder_lr_factor, layer_decay=a.layer_decay,
         class_balanced=a.class_balanced, dropout=a.dropout, l2=a.l2, continue_training=a.c, num_processes=a.np,
-        progress=not a.no_progress, embedding_cache=a.embedding_cache))
+        progress=not a.no_progress, embedding_cache=a.embedding_cache, overwrite=a.overwrite))
     return 0
 
 

@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from ssl3d.cli import validate as V
 from ssl3d.cli.common import run_cli
 from ssl3d.data.synthetic import PHASES, SIZE_PRESETS, write_demo_datasets
 from ssl3d.data.synthetic_cls import CLS_TASKS, write_classification_dataset
@@ -20,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", default=None, metavar="RAW_DIR",
                    help="nnU-Net raw folder to write into (default: $nnUNet_raw)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("-nu", "--n-unlabeled", type=int, default=16, help="cases in the unlabeled pool (default 16)")
-    p.add_argument("-nl", "--n-labeled", type=int, default=8, help="cases in the labeled set (default 8)")
+    p.add_argument("-nu", "--n-unlabeled", type=V.nonnegative_int, default=16, help="cases in the unlabeled pool (default 16)")
+    p.add_argument("-nl", "--n-labeled", type=V.nonnegative_int, default=8, help="cases in the labeled set (default 8)")
     p.add_argument("--size", choices=sorted(SIZE_PRESETS), default="small",
                    help="grid size: tiny (40-56 voxels in-plane, 12-24 slices) or small (80-128, 24-64; default)")
     p.add_argument("--phase", choices=PHASES, default="native",
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classification", choices=sorted(CLS_TASKS), default=None,
                    help="also write a case-classification dataset (fatty-liver: liver 30-60 HU darker in about half "
                         "the cases; classes in cases.csv and dataset.json)")
-    p.add_argument("-nc", "--n-classification", type=int, default=16,
+    p.add_argument("-nc", "--n-classification", type=V.positive_int, default=16,
                    help="cases in the classification dataset (default 16)")
     p.add_argument("-dc", "--classification-id", type=int, default=803,
                    help="dataset id of the classification dataset (default 803)")

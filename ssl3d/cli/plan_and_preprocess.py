@@ -5,8 +5,8 @@ import argparse
 import logging
 import sys
 
+from ssl3d.cli import validate as V
 from ssl3d.cli.common import run_cli
-from ssl3d.preprocessing.pipeline import PlanOptions, plan_and_preprocess
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,17 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-od", default=None, metavar="DATASET",
                    help="output dataset, e.g. 950 or Dataset950_MyPool (default: the single -d input's name, "
                         "else Dataset900_SSLPool)")
-    p.add_argument("-np", type=int, default=4, help="processes for fingerprint and preprocessing (default 4)")
-    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+    p.add_argument("-np", type=V.positive_int, default=4, help="processes for fingerprint and preprocessing (default 4)")
+    p.add_argument("--spacing", type=V.positive_float, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="force the target spacing in mm (numpy order z y x), e.g. 1.5 1.5 1.5")
-    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+    p.add_argument("--patch-size", type=V.positive_int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="force the patch size (rounded up to the network's divisibility)")
-    p.add_argument("--patch-voxels", type=int, default=None,
+    p.add_argument("--patch-voxels", type=V.positive_int, default=None,
                    help="voxel budget for the planned patch (default 128^3 = 2097152)")
-    p.add_argument("--mask-cell-size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+    p.add_argument("--mask-cell-size", type=V.positive_int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="mask cell in voxels (default: the encoder's total stride)")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="default mask ratio stored in the plans")
-    p.add_argument("--ct-window", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    p.add_argument("--mask-ratio", type=V.open_unit, default=0.75, help="default mask ratio stored in the plans")
+    p.add_argument("--ct-window", type=V.finite_float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="normalize CT with a fixed window to [0,1] (e.g. -175 250) instead of nnU-Net's CT scheme")
     p.add_argument("--modality", choices=["CT", "MRI"], default=None,
                    help="override the modality from dataset.json / intensity inference")
@@ -46,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     if not args.d and not args.i:
         raise SystemExit("ssl_plan_and_preprocess: error: give at least one input with -d and/or -i")
-    if args.mask_ratio <= 0 or args.mask_ratio >= 1:
-        raise SystemExit("ssl_plan_and_preprocess: error: --mask-ratio must be in (0, 1)")
+    V.check_window(args.ct_window)  # before anything is planned or written
+    if args.o is None:
+        V.require_env("nnUNet_preprocessed")
+    V.check_writable(args.o or V.env_dir("nnUNet_preprocessed"))
+    from ssl3d.preprocessing.pipeline import PlanOptions, plan_and_preprocess
+
     options = PlanOptions(datasets=args.d, folders=args.i, output_root=args.o, output_dataset=args.od,
                           num_processes=max(1, args.np), spacing=args.spacing, patch_size=args.patch_size,
                           patch_voxels=args.patch_voxels, mask_cell_size=args.mask_cell_size,

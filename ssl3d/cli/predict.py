@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from ssl3d.cli import validate as V
 from ssl3d.cli.common import run_cli
 from ssl3d.data.labeled import check_prediction_folder, model_dataset_json
 from ssl3d.inference.nnunet_bridge import nnunet_dataset_name, resolve_model, run_nnunet
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", required=True, help="dataset the model was fine-tuned on (id or name)")
     p.add_argument("-p", default=None, help="plans identifier, e.g. ssl3d_sparkPlans (default: the only one)")
     p.add_argument("-tr", default="SSLFinetuneTrainer", help="trainer class (default SSLFinetuneTrainer)")
-    p.add_argument("-f", nargs="+", default=["0"], help="folds to ensemble (default 0)")
+    p.add_argument("-f", nargs="+", default=["0"], type=V.fold, help="folds to ensemble (default 0)")
     p.add_argument("-chk", default="checkpoint_final.pth")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
     p.add_argument("extra", nargs="*", help="after --: passed to nnUNetv2_predict")
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    V.check_device(args.device)
+    V.check_writable(args.o)
     src = Path(args.i)
     if not src.is_dir():
         raise BadInputError(src, "input folder does not exist")
@@ -49,6 +52,9 @@ def _run(args: argparse.Namespace) -> int:
         ckpt = folder / (f"fold_{f}" if f != "all" else "fold_all") / args.chk
         if not ckpt.is_file():
             raise BadInputError(ckpt, "checkpoint missing (training not finished for this fold?)")
+        from ssl3d.training.checkpoints import read_checkpoint
+
+        read_checkpoint(ckpt)  # truncated or foreign files: one line here, not a traceback from nnU-Net
     cmd = ["nnUNetv2_predict", "-i", str(src), "-o", args.o, "-d", dataset, "-c", "3d_fullres", "-p", plans,
            "-tr", args.tr, "-f", *args.f, "-chk", args.chk, "-device", args.device, *args.extra]
     return run_nnunet(cmd)

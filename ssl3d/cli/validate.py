@@ -58,6 +58,14 @@ def open_unit(text: str) -> float:
     return v
 
 
+def share(text: str) -> float:
+    """A share in [0, 1) (0: none)."""
+    v = _number(float, text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be in [0, 1)")
+    return v
+
+
 def unit_fraction(text: str) -> float:
     """A label fraction in (0, 1]."""
     v = _number(float, text)
@@ -84,6 +92,11 @@ def fold(text: str) -> str:
     if v < 0:
         raise argparse.ArgumentTypeError(f"{v} is not a fold (an integer >= 0 or 'all')")
     return str(v)
+
+
+def count_or_all(text: str) -> str:
+    """A positive case count or 'all' (kept as text)."""
+    return text if text == "all" else str(positive_int(text))
 
 
 def json_object(text: str) -> dict:

@@ -75,6 +75,7 @@ class ClsOptions:
     dropout: float = 0.0
     l2: float = 1e-2
     continue_training: bool = False
+    overwrite: bool = False  # replace a finished fold (default: refuse)
     num_processes: int = 1
     progress: bool = True
     pretrain_fold: str = "0"
@@ -153,6 +154,12 @@ def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
     trainer.encoder_lr_factor, trainer.layer_decay = opts.encoder_lr_factor, opts.layer_decay
     trainer.class_balanced, trainer.dropout = opts.class_balanced, opts.dropout
     out = Path(trainer.output_folder)
+    if not opts.continue_training and not opts.overwrite and (out / "checkpoint_final.pth").is_file():
+        raise BadInputError(out / "checkpoint_final.pth", "a finished result is here; pass --c to score it again "
+                                                          "(more --epochs continue it) or --overwrite to replace it")
+    if opts.overwrite:  # a killed new run must not look finished
+        for old in out.glob("checkpoint_*.pth"):
+            old.unlink()
     if opts.continue_training:
         found = [out / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth") if (out / n).is_file()]
         if found:
