@@ -151,8 +151,8 @@ class Benchmark:
         cmd += ["--size", s["size"]] if s["size"] else []
         cmd += ["--batch-size", str(s["pretrain_batch"])] if s["pretrain_batch"] else []
         cmd += ["--patch-size", *map(str, s["patch_size"])] if s["patch_size"] else []
-        if (folder / "fold_0" / "checkpoint_latest.pth").is_file():
-            cmd.append("--c")  # killed earlier: continue
+        if any((folder / "fold_0").glob("checkpoint_*.pth")):
+            cmd.append("--c")  # killed earlier: continue (or report the finished run), never overwrite it
         log = self.out / "pretraining" / f"{method}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         start = time.time()
@@ -185,8 +185,10 @@ class Benchmark:
         log = folder / "run.log"
         s = self.s
         env = {**self.env, "nnUNet_results": str(folder / "nnUNet_results")}
-        cmd = ["ssl_finetune", "-d", self.labeled, "-p", pretrained["results"], "-f", "0", "-device", self.cfg.device,
-               "--epochs", str(s["ft_epochs"]), "--iters", str(s["ft_iters"]), "--val-iters", str(s["ft_val_iters"]),
+        # --c: an arm killed after its training continues it or takes the finished fold, never overwrites it
+        cmd = ["ssl_finetune", "-d", self.labeled, "-p", pretrained["results"], "-f", "0", "--c",
+               "-device", self.cfg.device, "--epochs", str(s["ft_epochs"]), "--iters", str(s["ft_iters"]),
+               "--val-iters", str(s["ft_val_iters"]),
                "--batch-size", str(s["ft_batch"]), "--seed", str(arm.seed), "--no-final-val",
                "-np", str(self.cfg.num_processes), "--warmup", s["warmup"],
                "--encoder-lr-factor", str(s["encoder_lr_factor"]), "--optimizer", s.get("optimizer", "auto")]
