@@ -138,7 +138,7 @@ def test_faster_correct_candidate_is_chosen_cached_and_runs(install, caplog):
         assert len(calls) == n + 2
         torch.testing.assert_close(out.features, y.detach())
     announced = [r.getMessage() for r in caplog.records if r.getMessage().endswith(": triton")]
-    assert len(announced) == 1 and "sparse conv 3->4 k3 s1 at 8 cell 4" in announced[0]  # logged once
+    assert len(announced) == 1 and "sparse conv 3->4 k3 s1 at 8x8x8 cell 4 (50% visible" in announced[0]  # logged once
 
 
 def test_slower_candidate_is_not_chosen(install):

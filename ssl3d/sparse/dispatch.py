@@ -89,8 +89,9 @@ class ConvSignature:
     def describe(self) -> str:
         co, _, *k = self.w_shape
         dw = " depthwise" if self.groups > 1 else ""
+        cell = _fmt(self.cell_in) + ("" if self.cell_in == self.cell_out else f"->{_fmt(self.cell_out)}")
         return (f"sparse conv {self.x_shape[1]}->{co}{dw} k{_fmt(k)} s{_fmt(self.stride)} at "
-                f"{_fmt(self.x_shape[2:])} cell {_fmt(self.cell_in)} ({self.visible:.0%} visible, {self.dtype}, "
+                f"{'x'.join(map(str, self.x_shape[2:]))} cell {cell} ({self.visible:.0%} visible, {self.dtype}, "
                 f"{self.device})")
 
 
