@@ -129,6 +129,41 @@ def guarded_case(case_id: str, first_file: Any, action: str, fn: Callable, *args
         return case_id, None, f"{first_file}: out of memory while {action}"
 
 
+def die_with_parent(parent: int, sig: int = 15) -> None:
+    """Have the kernel send ``sig`` (default SIGTERM) to this process when its parent dies, also by SIGKILL
+    (``PR_SET_PDEATHSIG``, Linux); when the parent already died, send it now."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
+class DiesWithParent:
+    """Wraps a batch iterator handed to data-loader worker processes (batchgenerators' augmenters fork them and
+    never check their parent): the first batch drawn in a worker arms ``die_with_parent``, so a ``kill -9`` of the
+    trainer ends its workers instead of leaving them orphaned."""
+
+    def __init__(self, loader: Any):
+        self._loader, self._owner, self._armed = loader, os.getpid(), os.getpid()
+
+    def __iter__(self) -> "DiesWithParent":
+        return self
+
+    def __next__(self) -> Any:
+        if os.getpid() != self._armed:  # first batch in a forked worker
+            self._armed = os.getpid()
+            die_with_parent(self._owner, 9)
+        return next(self._loader)
+
+    def __getattr__(self, name: str) -> Any:  # set_thread_id, indices, ... of the wrapped loader
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+
 def map_cases(worker: Callable[[Any], Any], jobs: Sequence[Any], num_processes: int = 1, desc: str = "",
               progress: bool = True) -> list[Any]:
     """``worker`` over ``jobs`` in input order, in a fork pool when ``num_processes`` > 1, with a tqdm bar."""

@@ -103,3 +103,19 @@ def tiny_pool(tmp_path_factory):
                                           num_processes=1, progress=False, patch_size=(16, 32, 32),
                                           spacing=(2.0, 1.0, 1.0)))
     return res
+
+
+@pytest.fixture(scope="session")
+def tiny_pretraining(tiny_pool, tmp_path_factory):
+    """One tiny SparK pretraining (1 epoch, 1 iteration) on the shared pool: a results folder commands transfer from."""
+    import subprocess
+    import sys
+
+    res = tmp_path_factory.mktemp("ptres")
+    env = subprocess_env(res / "raw", tiny_pool.dataset_dir.parent, res)
+    r = subprocess.run([str(Path(sys.executable).parent / "ssl_pretrain"), "-d", tiny_pool.dataset_dir.name, "-m",
+                        "spark", "-device", "cpu", "--size", "tiny", "--epochs", "1", "--iters", "1", "--val-iters",
+                        "1", "--batch-size", "2", "--no-progress", "--preview-every", "0"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return res / tiny_pool.dataset_dir.name / "SparKPretrainer__ssl3dPlans__3d_fullres"

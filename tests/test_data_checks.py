@@ -3,30 +3,19 @@
 file, exit 2, no traceback and nothing written."""
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ct_volume, subprocess_env, write_image
+from conftest import ct_volume, write_image
 
-BIN = Path(sys.executable).parent
 LABELED = "Dataset802_Lab"
 
 
-@pytest.fixture(scope="module")
-def pretraining(tiny_pool, tmp_path_factory):
-    """One tiny SparK pretraining (1 epoch, 1 iteration) on the shared pool: what the commands transfer from."""
-    res = tmp_path_factory.mktemp("ptres")
-    env = subprocess_env(res / "raw", tiny_pool.dataset_dir.parent, res)
-    r = subprocess.run([str(BIN / "ssl_pretrain"), "-d", tiny_pool.dataset_dir.name, "-m", "spark", "-device", "cpu",
-                        "--size", "tiny", "--epochs", "1", "--iters", "1", "--val-iters", "1", "--batch-size", "2",
-                        "--no-progress", "--preview-every", "0"], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return res / tiny_pool.dataset_dir.name / "SparKPretrainer__ssl3dPlans__3d_fullres"
+@pytest.fixture
+def pretraining(tiny_pretraining):
+    return tiny_pretraining
 
 
 def make_labeled(raw: Path, n: int = 4, n_channels: int = 1) -> Path:

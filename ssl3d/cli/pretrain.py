@@ -130,6 +130,9 @@ def make_trainer(args: argparse.Namespace):
             raise BadInputError(f, "missing; run ssl_plan_and_preprocess first")
     plans = read_json_input(plans_file, "the pool's plans")
     dataset_json = read_json_input(pool / "dataset.json", "the pool's dataset.json")
+    from ssl3d.preprocessing.pipeline import check_pool_complete
+
+    check_pool_complete(pool, plans)  # a killed or outdated preprocessing is refused, not trained on
     config = plans["configurations"]["3d_fullres"]
     if args.batch_size:
         config["batch_size"] = args.batch_size

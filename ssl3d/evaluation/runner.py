@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -25,11 +27,14 @@ from ssl3d.evaluation.protocol import (CLS_PRESETS, PRESETS, PRETRAIN_KEYS, Arm,
                                        plan_arms, plan_cls_arms, split_test, training_cases)
 from ssl3d.evaluation.report import write_cls_reports, write_reports
 from ssl3d.inference.nnunet_bridge import nnunet_dataset_name, run_nnunet
+from ssl3d.inference.process_guard import owner_lock
 from ssl3d.preprocessing.pipeline import find_preprocessed_dataset
 from ssl3d.training.methods import get_method_spec
 from ssl3d.utils import DEFAULT_SEED, BadInputError, env_dir, read_json, write_json
 
 logger = logging.getLogger(__name__)
+
+OWNER_LOCK = ".owner.lock"
 
 
 @dataclass
@@ -98,6 +103,7 @@ class Benchmark:
         if not (self.pool_dir / "ssl3dPlans.json").is_file():
             raise BadInputError(self.pool_dir, "no ssl3d plans here (run ssl_plan_and_preprocess)")
         self.pre_root = self.out / "nnUNet_preprocessed"
+        self.lock_fds: tuple[int, ...] = ()  # the running arm's owner lock, inherited by its subprocesses
         self.env = {"nnUNet_preprocessed": str(self.pre_root), "nnUNet_raw": str(raw),
                     "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "1"), "nnUNet_compile": "false"}
 
@@ -156,7 +162,9 @@ class Benchmark:
         log = self.out / "pretraining" / f"{method}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         start = time.time()
-        rc = run_nnunet(cmd, log_file=log, env_overrides={**self.env, "nnUNet_results": str(res_root)})
+        with owner_lock(log.with_suffix(".lock"), folder) as fd:
+            rc = run_nnunet(cmd, log_file=log, env_overrides={**self.env, "nnUNet_results": str(res_root)},
+                            pass_fds=(fd,))
         if rc != 0 or not (folder / "fold_0" / "checkpoint_final.pth").is_file():
             raise BenchmarkStepError(f"pretraining {method} failed (exit {rc}); see {log}")
         ckpt = folder / "fold_0" / "checkpoint_final.pth"
@@ -176,8 +184,12 @@ class Benchmark:
         if done.is_file():
             return read_json(done)
         folder.mkdir(parents=True, exist_ok=True)
-        result = {**arm_record(arm), "status": "ok", **self.train_and_score(arm, pretrained, folder)}
-        write_json(done, result)
+        # the lock goes with the arm's subprocesses: while any of them lives (even orphaned) no rerun races it
+        with owner_lock(folder / OWNER_LOCK, folder) as fd:
+            self.lock_fds = (fd,)
+            result = {**arm_record(arm), "status": "ok", **self.train_and_score(arm, pretrained, folder)}
+            write_json(done, result)
+        self.lock_fds = ()
         return result
 
     def train_and_score(self, arm: Arm, pretrained: dict, folder: Path) -> dict:
@@ -196,7 +208,7 @@ class Benchmark:
         cmd += ["--scratch"] if arm.scratch else []
         cmd += ["--lr", str(s["ft_lr"])] if s["ft_lr"] else []
         t0 = time.time()
-        if run_nnunet(cmd, log_file=log, env_overrides=env) != 0:
+        if run_nnunet(cmd, log_file=log, env_overrides=env, pass_fds=self.lock_fds) != 0:
             raise BenchmarkStepError(f"fine-tuning {arm.id} failed; see {log}")
         t1 = time.time()
         plans = f"ssl3d_{arm.base}Plans" + ("_scratch" if arm.scratch else "")
@@ -205,7 +217,7 @@ class Benchmark:
                "-c", "3d_fullres", "-p", plans, "-tr", "SSLFinetuneTrainer", "-f", "0", "-chk",
                "checkpoint_final.pth", "-device", self.cfg.device, "-npp", "1", "-nps", "1"]
         cmd += [] if s["tta"] else ["--disable_tta"]
-        if run_nnunet(cmd, log_file=log, env_overrides=env) != 0:
+        if run_nnunet(cmd, log_file=log, env_overrides=env, pass_fds=self.lock_fds) != 0:
             raise BenchmarkStepError(f"prediction {arm.id} failed; see {log}")
         t2 = time.time()
         scores = self.evaluate(pred)
@@ -228,6 +240,17 @@ class Benchmark:
 
     # ---- everything --------------------------------------------------------------------------------------
     def run(self) -> dict:
+        with self.owned():
+            return self._run()
+
+    @contextmanager
+    def owned(self) -> Iterator[None]:
+        """One live ssl_benchmark per output folder: a second start is refused, not raced."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        with owner_lock(self.out / OWNER_LOCK, self.out):
+            yield
+
+    def _run(self) -> dict:
         self.prepare()
         results, failures, pre = self.run_steps()
         cka = self.feature_reuse(results, pre) if self.cfg.cka else None
@@ -328,7 +351,8 @@ class ClsBenchmark(Benchmark):
             cmd += ["--labels", str(Path(self.cfg.labels_csv).resolve())] if self.cfg.labels_csv else []
             # a killed arm continues from its latest checkpoint; probes of one encoder embed each case once
             cmd += ["--embedding-cache", str(self.out / "embeddings" / arm.method)] if arm.mode == "linear" else ["--c"]
-            rc = run_nnunet(cmd, log_file=log, env_overrides={**self.env, "nnUNet_results": str(res_root)})
+            rc = run_nnunet(cmd, log_file=log, env_overrides={**self.env, "nnUNet_results": str(res_root)},
+                            pass_fds=self.lock_fds)
             if rc != 0:
                 raise BenchmarkStepError(f"classification {arm.id} failed (exit {rc}); see {log}")
         found = _cls_result_files(res_root)
@@ -345,7 +369,7 @@ class ClsBenchmark(Benchmark):
                 "val_cases": r["val_cases"], "test_cases": r["test_cases"], "output_folder": r["output_folder"],
                 "wall_s": round(time.time() - t0, 1), "log": str(log)}
 
-    def run(self) -> dict:
+    def _run(self) -> dict:
         self.prepare()
         results, failures, pre = self.run_steps()
         return write_cls_reports(self.out, results, failures, pre, self.cfg.methods, len(self.train),

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
+from ssl3d.inference.process_guard import LOCK_FDS_ENV, run_guarded
 from ssl3d.utils import BadInputError, env_dir
 
 logger = logging.getLogger(__name__)
@@ -22,10 +24,13 @@ def ext_trainer_path() -> str:
 
 
 def run_nnunet(cmd: list[str], env_defaults: dict | None = None, dry_run: bool = False,
-               log_file: str | os.PathLike | None = None, env_overrides: dict | None = None) -> int:
+               log_file: str | os.PathLike | None = None, env_overrides: dict | None = None,
+               pass_fds: Sequence[int] = ()) -> int:
     """Run a stock nnU-Net (or ssl3d) command from this environment's bin folder with ssl3d's trainer shims
     visible. ``env_defaults`` yield to the user's environment, ``env_overrides`` win over it; ``log_file``:
-    stdout and stderr are appended there instead of going to the console."""
+    stdout and stderr are appended there instead of going to the console. The command runs under
+    :mod:`~ssl3d.inference.process_guard` (own process group, ended with this process, also on ``kill -9``);
+    ``pass_fds`` (an owner lock) are inherited by it and by the guarded commands it starts in turn."""
     env = {**(env_defaults or {}), **os.environ, **(env_overrides or {}), "nnUNet_extTrainer": ext_trainer_path()}
     say = logger.info if log_file is None else logger.debug  # with a log file the command goes there
     say("export nnUNet_extTrainer=%s", env["nnUNet_extTrainer"])
@@ -34,12 +39,14 @@ def run_nnunet(cmd: list[str], env_defaults: dict | None = None, dry_run: bool =
         return 0
     bin_dir = Path(sys.executable).parent
     exe = str(bin_dir / cmd[0]) if (bin_dir / cmd[0]).exists() else cmd[0]
+    inherited = [int(f) for f in os.environ.get(LOCK_FDS_ENV, "").split(",") if f]
+    fds = sorted(set(pass_fds) | set(inherited))
     if log_file is None:
-        return subprocess.run([exe, *cmd[1:]], env=env).returncode
+        return run_guarded([exe, *cmd[1:]], env, fds)
     with open(log_file, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        return subprocess.run([exe, *cmd[1:]], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        return run_guarded([exe, *cmd[1:]], env, fds, stdout=log, stderr=subprocess.STDOUT)
 
 
 def nnunet_dataset_name(dataset: str | int) -> str:

@@ -11,7 +11,8 @@ from typing import Sequence
 from ssl3d.data.readers import CaseSource, check_unique_ids, discover_inputs
 from ssl3d.planning.fingerprint import aggregate_fingerprint, modality_from_channel_name, run_fingerprints
 from ssl3d.planning.planner import CONFIGURATION, PLANS_NAME, build_plans
-from ssl3d.preprocessing.preprocessor import plans_hash, run_preprocessing, verify_outputs
+from ssl3d.preprocessing.preprocessor import (case_problem, output_case_ids, plans_hash, remove_case,
+                                              run_preprocessing, verify_outputs)
 from ssl3d.utils import BadInputError, BadInputs, env_dir, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -134,11 +135,12 @@ def plan_and_preprocess(options: PlanOptions) -> PoolResult:
         "numTraining": len(cases), "file_ending": ".nii.gz", "name": out.name,
         "description": "ssl3d pretraining pool; the seg arrays hold a body mask, not annotations",
     })
-    write_json(manifest_file, {
+    manifest = {
         "dataset": out.name, "inputs": {"datasets": list(options.datasets), "folders": [str(f) for f in options.folders]},
         "cases": [c.to_manifest() for c in cases], "skipped": bad, "modality_override": options.modality,
         "source_signature": signature,
-    })
+    }
+    write_json(manifest_file, manifest)
     if bad:
         write_json(out / "skipped_cases.json", bad)
     data_dir = out / plans["configurations"][CONFIGURATION]["data_identifier"]
@@ -149,12 +151,65 @@ def plan_and_preprocess(options: PlanOptions) -> PoolResult:
             raise BadInputs(list(errors.values()))
         bad.update(errors)
         write_json(out / "skipped_cases.json", bad)
+        write_json(manifest_file, {**manifest, "skipped": bad})
     ids = [c.case_id for c in cases if c.case_id not in errors]
+    stale = sorted(output_case_ids(data_dir) - set(ids))
+    for cid in stale:  # cases that left the pool (source removed, now skipped): never loaded by pretraining
+        remove_case(data_dir, cid)
+    if stale:
+        logger.info("removed the arrays of %d case(s) no longer in the pool (e.g. %s)", len(stale), stale[0])
     if options.verify:
-        problems = verify_outputs(data_dir, ids, plans_hash(plans, CONFIGURATION), options.progress)
-        if problems:
-            raise RuntimeError("verification failed:\n" + "\n".join(f"{data_dir / k}: {v}" for k, v in problems.items()))
+        _verify_and_redo(cases, ids, plans, data_dir, options)
     return PoolResult(out, plans_file, data_dir, ids, bad, now, finished)
+
+
+def _verify_and_redo(cases: Sequence[CaseSource], ids: Sequence[str], plans: dict, data_dir: Path,
+                     options: PlanOptions) -> None:
+    """Re-read every output; a case that fails is removed and preprocessed again, then checked once more."""
+    phash = plans_hash(plans, CONFIGURATION)
+    problems = verify_outputs(data_dir, ids, phash, options.progress)
+    if problems:
+        for cid, why in problems.items():
+            logger.warning("%s: %s; preprocessing it again", data_dir / cid, why)
+            remove_case(data_dir, cid)
+        redo = [c for c in cases if c.case_id in problems]
+        _, _, errors = run_preprocessing(redo, plans, CONFIGURATION, data_dir, options.num_processes, options.progress)
+        problems = {**verify_outputs(data_dir, [c.case_id for c in redo if c.case_id not in errors], phash,
+                                     options.progress), **errors}
+    if problems:
+        raise BadInputs([f"{data_dir / k}: {v}" for k, v in problems.items()],
+                        hint="verification failed after preprocessing these cases again")
+
+
+def check_pool_complete(pool: Path, plans: dict) -> None:
+    """Refuse a pool whose data folder does not hold exactly the finished, current cases of its manifest (a killed
+    ``ssl_plan_and_preprocess``, arrays of removed cases, a truncated array)."""
+    manifest_file = pool / "manifest.json"
+    if not manifest_file.is_file():
+        logger.warning("%s: no manifest.json (not written by ssl_plan_and_preprocess); pool completeness not checked",
+                       pool)
+        return
+    try:
+        manifest = read_json(manifest_file)
+        skipped = set(manifest.get("skipped", {}))
+        expected = {c["case_id"] for c in manifest["cases"]} - skipped
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise BadInputError(manifest_file, f"unreadable manifest ({e}); rerun ssl_plan_and_preprocess") from None
+    data_dir = pool / plans["configurations"][CONFIGURATION]["data_identifier"]
+    rerun = "rerun ssl_plan_and_preprocess with the same inputs to finish it"
+    present = output_case_ids(data_dir)
+    missing, extra = sorted(expected - present), sorted(present - expected)
+    if missing:
+        raise BadInputError(data_dir, f"incomplete pool: {len(missing)} of {len(expected)} cases of manifest.json "
+                                      f"have no preprocessed arrays (e.g. {missing[0]}); {rerun}")
+    if extra:
+        raise BadInputError(data_dir, f"{len(extra)} case(s) here are not in manifest.json (e.g. {extra[0]}; stale "
+                                      f"arrays of removed cases); {rerun}")
+    phash = plans_hash(plans, CONFIGURATION)
+    for cid in sorted(expected):
+        why = case_problem(data_dir, cid, phash)
+        if why:
+            raise BadInputError(data_dir / cid, f"{why}; {rerun}")
 
 
 def find_preprocessed_dataset(dataset: str | int, root: Path | None = None) -> Path:

@@ -74,15 +74,50 @@ def preprocess_array(data: np.ndarray, props: dict, plans: dict, configuration: 
     return data.astype(np.float32, copy=False), seg.astype(np.int8, copy=False), props
 
 
-def _is_done(out_dir: Path, case_id: str, phash: str) -> bool:
-    pkl = out_dir / f"{case_id}.pkl"
-    if not (pkl.is_file() and (out_dir / f"{case_id}.b2nd").is_file() and (out_dir / f"{case_id}_seg.b2nd").is_file()):
-        return False
+ARRAY_SUFFIXES = (".b2nd", "_seg.b2nd")
+CASE_SUFFIXES = (*ARRAY_SUFFIXES, ".pkl")
+
+
+def case_problem(out_dir: Path, case_id: str, phash: str | None) -> str | None:
+    """Why a case's outputs are not finished and current (missing file, other plans, array of another size than
+    written, i.e. truncated), or None. Cheap: the pkl and two ``stat`` calls, no decompression."""
+    out_dir = Path(out_dir)
+    missing = [s for s in CASE_SUFFIXES if not (out_dir / f"{case_id}{s}").is_file()]
+    if missing:
+        return f"missing {case_id}{missing[0]}"
     try:
-        with open(pkl, "rb") as f:
-            return pickle.load(f).get("ssl3d_plans_hash") == phash
+        with open(out_dir / f"{case_id}.pkl", "rb") as f:
+            props = pickle.load(f)
     except Exception:  # a corrupt pkl means the case has to be redone
-        return False
+        return f"unreadable {case_id}.pkl"
+    if phash is not None and props.get("ssl3d_plans_hash") != phash:
+        return "preprocessed with other plans"
+    for suffix, size in props.get("ssl3d_file_sizes", {}).items():
+        actual = os.path.getsize(out_dir / f"{case_id}{suffix}")
+        if actual != size:
+            return f"{case_id}{suffix} has {actual} bytes, {size} were written (truncated or replaced)"
+    return None
+
+
+def _is_done(out_dir: Path, case_id: str, phash: str) -> bool:
+    return case_problem(out_dir, case_id, phash) is None
+
+
+def remove_case(out_dir: Path, case_id: str) -> None:
+    """Delete a case's outputs, pkl first (without it the case counts as unfinished)."""
+    for suffix in (".pkl", *ARRAY_SUFFIXES):
+        (Path(out_dir) / f"{case_id}{suffix}").unlink(missing_ok=True)
+
+
+def output_case_ids(out_dir: Path) -> set[str]:
+    """Ids of every case with any output file in ``out_dir``."""
+    ids = set()
+    for p in Path(out_dir).iterdir() if Path(out_dir).is_dir() else ():
+        for suffix in ("_seg.b2nd", ".b2nd", ".pkl"):
+            if p.name.endswith(suffix) and not p.name.startswith("."):
+                ids.add(p.name[: -len(suffix)])
+                break
+    return ids
 
 
 def preprocess_case(case: CaseSource, plans: dict, configuration: str, out_dir: Path, phash: str) -> dict:
@@ -105,8 +140,10 @@ def preprocess_case(case: CaseSource, plans: dict, configuration: str, out_dir: 
                                   chunks_seg=chunks_seg, blocks_seg=blocks_seg)
     # save_case also wrote a pkl next to the tmp arrays; ours (with the hash) goes last, atomically.
     Path(str(tmp_base) + ".pkl").unlink(missing_ok=True)
-    for suffix in (".b2nd", "_seg.b2nd"):
+    for suffix in ARRAY_SUFFIXES:
         os.replace(str(tmp_base) + suffix, out_dir / f"{case.case_id}{suffix}")
+    # sizes as written: a later truncation (disk full, a copy cut short) is found without decompressing
+    props["ssl3d_file_sizes"] = {s: os.path.getsize(out_dir / f"{case.case_id}{s}") for s in ARRAY_SUFFIXES}
     write_pickle(out_dir / f"{case.case_id}.pkl", props)
     return {"case_id": case.case_id, "shape": list(data.shape[1:])}
 
