@@ -37,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    V.check_device(args.device)
     V.check_writable(args.o)
     src = Path(args.i)
     if not src.is_dir():
@@ -46,14 +45,15 @@ def _run(args: argparse.Namespace) -> int:
         raise BadInputError(src, "no images named <case>_0000.<ext> (nnU-Net's channel naming)")
     dataset = nnunet_dataset_name(args.d)
     folder, plans = resolve_model(dataset, args.tr, args.p)
+    V.check_device(args.device)
     dj = model_dataset_json(folder)  # every input image through ssl3d's readers before nnU-Net predicts
     check_prediction_folder(src, dj.get("channel_names", dj.get("modality")), dj["file_ending"], os.cpu_count() or 1)
+    from ssl3d.training.checkpoints import read_checkpoint
+
     for f in args.f:
         ckpt = folder / (f"fold_{f}" if f != "all" else "fold_all") / args.chk
         if not ckpt.is_file():
             raise BadInputError(ckpt, "checkpoint missing (training not finished for this fold?)")
-        from ssl3d.training.checkpoints import read_checkpoint
-
         read_checkpoint(ckpt)  # truncated or foreign files: one line here, not a traceback from nnU-Net
     cmd = ["nnUNetv2_predict", "-i", str(src), "-o", args.o, "-d", dataset, "-c", "3d_fullres", "-p", plans,
            "-tr", args.tr, "-f", *args.f, "-chk", args.chk, "-device", args.device, *args.extra]

@@ -123,6 +123,8 @@ def make_trainer(args: argparse.Namespace):
     V.check_device(args.device)
     if args.c and args.overwrite:
         raise BadInputError(None, "--c and --overwrite exclude each other")
+    if args.i:  # the pool is planned and written there first
+        V.check_writable(env_dir("nnUNet_preprocessed"))
     pool = _prepare_pool(args)
     plans_file = pool / f"{args.p}.json"
     for f in (plans_file, pool / "dataset.json", pool / "dataset_fingerprint.json"):
