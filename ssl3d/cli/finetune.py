@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     shots.add_argument("--fraction", type=V.unit_fraction, default=None, help="few-shot: this fraction of the fold")
     p.add_argument("--seed", type=int, default=None,
                    help=f"seed for initialisation, data order and augmentation (default nnU-Net's {DEFAULT_SEED})")
-    p.add_argument("--no-final-val", action="store_true", help="skip nnU-Net's final sliding-window validation")
+    p.add_argument("--val", "--final-val", dest="final_val", action=argparse.BooleanOptionalAction, default=None,
+                   help="nnU-Net's final sliding-window validation of the fold's validation cases, with progress "
+                        "(default: on for cuda, off on CPU/MPS, where it takes far longer than a short training)")
     p.add_argument("--prepare-only", action="store_true", help="plan, preprocess and export; do not train")
     return p
 
@@ -81,7 +83,8 @@ def _run(args: argparse.Namespace) -> int:
         "num_epochs": args.epochs, "num_iterations_per_epoch": args.iters, "num_val_iterations_per_epoch":
         args.val_iters, "lr": args.lr, "warmup": args.warmup, "warmup_epochs": args.warmup_epochs,
         "encoder_lr_factor": args.encoder_lr_factor, "optimizer": args.optimizer, "n_train": args.n_train,
-        "fraction": args.fraction, "seed": args.seed, "final_validation": not args.no_final_val, "batch_size": args.batch_size,
+        "fraction": args.fraction, "seed": args.seed, "batch_size": args.batch_size,
+        "final_validation": args.device == "cuda" if args.final_val is None else args.final_val,
         "pretrained_from": str(ckpt), "method": info["name"]}.items() if v is not None}
     plans = finetune_plans(pplans, method.downstream_architecture(), dataset, plans_name, options, method.patch_size)
 

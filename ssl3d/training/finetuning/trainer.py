@@ -8,12 +8,15 @@ Options live in the plans (``configurations[c]["ssl3d_finetune"]``, written by `
 * ``encoder_lr_factor``: encoder LR = factor × LR (e.g. 0.1), ``optimizer``: ``"auto"`` (AdamW for
   transformer encoders, nnU-Net's SGD otherwise), ``"sgd"`` or ``"adamw"``;
 * ``n_train`` / ``fraction``: deterministic few-shot subset of the fold's training cases (never validation);
-* ``final_validation``: False skips nnU-Net's sliding-window validation at the end (smoke runs);
+* ``final_validation``: False skips nnU-Net's sliding-window validation at the end (``ssl_finetune`` default on
+  CPU); when it runs, every case's log line carries the count, elapsed time and ETA;
 * ``seed``: initialisation, few-shot order, data order and augmentation workers seeded (reproducible runs).
 
 Transformer/single-output traits of the downstream network come from the method registry.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -147,6 +150,23 @@ class SSLFinetuneTrainer(AtomicCheckpointMixin, TrainerInitMixin, nnUNetTrainer)
             save_json(generate_crossval_split(ids, seed=DEFAULT_SEED, n_splits=len(ids)), splits_file)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        if self.ft.get("final_validation", True):
+        if not self.ft.get("final_validation", True):
+            self.print_to_log_file("final validation skipped (ssl3d_finetune.final_validation = false)")
+            return None
+        # nnU-Net logs "predicting <case>" per case and nothing else for minutes: add the count, elapsed and ETA
+        n_cases, t0, seen = len(self.do_split()[1]), time.time(), [0]
+        plain = self.print_to_log_file
+
+        def with_progress(*args, **kwargs):
+            if args and isinstance(args[0], str) and args[0].startswith("predicting "):
+                seen[0] += 1
+                el = time.time() - t0
+                eta = f", ETA {el / (seen[0] - 1) * (n_cases - seen[0] + 1):.0f} s" if seen[0] > 1 else ""
+                args = (f"final validation {seen[0]}/{n_cases} ({el:.0f} s{eta}): {args[0]}", *args[1:])
+            return plain(*args, **kwargs)
+
+        self.print_to_log_file = with_progress
+        try:
             return super().perform_actual_validation(save_probabilities)
-        self.print_to_log_file("final validation skipped (ssl3d_finetune.final_validation = false)")
+        finally:
+            del self.print_to_log_file
