@@ -64,6 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     if result.skipped:
         log.warning("skipped cases are listed in %s", result.dataset_dir / "skipped_cases.json")
     log.info("plans: %s", result.plans_file)
+    log.info("check the plan:\n  %s", "\n  ".join(result.summary))
     log.info("preprocessed data: %s", result.data_dir)
     log.info("dataset for later commands: %s", result.dataset_dir.name)
     return 0

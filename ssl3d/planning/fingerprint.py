@@ -33,11 +33,29 @@ def modality_from_channel_name(name: str) -> str | None:
     return None
 
 
+AIR_MIN_HU, AIR_BELOW_HU, AIR_FRACTION = -800.0, -500.0, 0.01
+AIR_RULE = f"minimum <= {AIR_MIN_HU:g} and > {AIR_FRACTION:.0%} of voxels below {AIR_BELOW_HU:g}"
+
+
 def infer_modality(image: np.ndarray) -> str:
     """Guess CT vs MRI from intensities: CT has air near -1000 HU, MRI is non-negative."""
     sub = image[::2, ::4, ::4] if image.ndim == 3 else image
-    low_fraction = float((sub < -500).mean())
-    return "CT" if sub.min() <= -800 and low_fraction > 0.01 else "MRI"
+    low_fraction = float((sub < AIR_BELOW_HU).mean())
+    return "CT" if sub.min() <= AIR_MIN_HU and low_fraction > AIR_FRACTION else "MRI"
+
+
+def modality_rule(modality: str, channel_name: str, override: str | None, votes: Sequence[str]) -> str:
+    """The rule that decided a channel's modality, as the user should read it."""
+    if override:
+        return f"--modality {override.upper()}"
+    if modality_from_channel_name(channel_name):
+        return f"dataset.json channel name '{channel_name}'"
+    n, agree = len(votes), sum(v == modality for v in votes)
+    if modality == "CT":
+        return (f"inferred: air-like voxels ({AIR_RULE}) in {agree} of {n} cases; pass --modality MRI if this is "
+                f"MRI")
+    return (f"inferred: no air-like voxels ({AIR_RULE}) in {agree} of {n} cases; pass --modality CT if this is CT "
+            f"(e.g. a CT whose background was set to 0)")
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from typing import Sequence
 from ssl3d.data.readers import CaseSource, check_unique_ids, discover_inputs
 from ssl3d.planning.fingerprint import aggregate_fingerprint, modality_from_channel_name, run_fingerprints
 from ssl3d.planning.planner import CONFIGURATION, PLANS_NAME, build_plans
+from ssl3d.planning.summary import modality_rules, plan_summary
 from ssl3d.preprocessing.preprocessor import (case_problem, output_case_ids, plans_hash, remove_case,
                                               run_preprocessing, verify_outputs)
 from ssl3d.utils import BadInputError, BadInputs, env_dir, read_json, write_json
@@ -48,6 +49,7 @@ class PoolResult:
     skipped: dict[str, str] = field(default_factory=dict)
     preprocessed_now: list[str] = field(default_factory=list)
     already_done: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)  # the plan's decisions and their rules, for the user
 
 
 def resolve_output(options: PlanOptions) -> Path:
@@ -126,6 +128,7 @@ def plan_and_preprocess(options: PlanOptions) -> PoolResult:
     plans = build_plans(fingerprint, out.name, spacing=options.spacing, patch_size=options.patch_size,
                         patch_voxels=options.patch_voxels or 128 ** 3, mask_cell_size=options.mask_cell_size,
                         mask_ratio=options.mask_ratio, ct_window=options.ct_window)
+    plans["ssl3d"]["modality_rules"] = modality_rules(fingerprint, options.modality)
     out.mkdir(parents=True, exist_ok=True)
     write_json(fp_file, fingerprint)
     plans_file = out / f"{PLANS_NAME}.json"
@@ -160,7 +163,8 @@ def plan_and_preprocess(options: PlanOptions) -> PoolResult:
         logger.info("removed the arrays of %d case(s) no longer in the pool (e.g. %s)", len(stale), stale[0])
     if options.verify:
         _verify_and_redo(cases, ids, plans, data_dir, options)
-    return PoolResult(out, plans_file, data_dir, ids, bad, now, finished)
+    summary = plan_summary(plans, fingerprint, options.modality, options.spacing is not None)
+    return PoolResult(out, plans_file, data_dir, ids, bad, now, finished, summary)
 
 
 def _verify_and_redo(cases: Sequence[CaseSource], ids: Sequence[str], plans: dict, data_dir: Path,
