@@ -278,6 +278,9 @@ def test_pretrain_refuses_a_finished_result_and_c_reports_it(finished, tiny_pool
     rc, err = call(pretrain.main, argv + ["--c"], capsys)
     assert rc == 0 and "already finished" in err, err
     assert tree(finished) == before, "a finished run continued without more epochs must stay untouched"
+    rc, err = call(pretrain.main, ["-d", tiny_pool.dataset_dir.name, "-m", "spark", "-device", "cpu", "--c"], capsys)
+    assert_one_line(rc, err, "checkpoint_final.pth", "does not match the network of -m spark {}")  # not --size tiny
+    assert tree(finished) == before
 
 
 def test_pretrain_c_falls_back_to_the_newest_readable_checkpoint(finished, tiny_pool, capsys):

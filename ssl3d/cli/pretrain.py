@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -145,13 +146,17 @@ def make_trainer(args: argparse.Namespace):
     kwargs = dict(args.method_kwargs or {})
     if args.size:
         kwargs["size"] = args.size
-    V.check_method_options(args.method, plans, config, len(dataset_json.get("channel_names", {"0": ""})), kwargs)
+    meta_net = V.check_method_options(args.method, plans, config, len(dataset_json.get("channel_names", {"0": ""})),
+                                      kwargs)
     fold_dir = env_dir("nnUNet_results") / pool.name / \
         f"{get_method_spec(args.method).trainer_name}__{plans['plans_name']}__3d_fullres" / f"fold_{args.fold}"
     if not args.c and not args.overwrite:
         V.refuse_finished(fold_dir, unfinished_too=True)
     V.check_writable(fold_dir, "results folder")
     resume = _checkpoint_to_continue(fold_dir, args) if args.c else None
+    if resume is not None:
+        V.check_checkpoint_fits(meta_net, resume[1]["network_weights"], resume[0],
+                                f"-m {args.method} {json.dumps(kwargs)}")
     if resume is not None and resume[2]:
         logger.info("already finished: %s (pass more --epochs with --c to continue, or --overwrite to start over)",
                     resume[0])

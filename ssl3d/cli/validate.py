@@ -162,9 +162,10 @@ def check_patch_size(patch: Sequence[int] | None, config: dict) -> None:
 FIXED_BUILDER_ARGS = ("plans", "configuration", "num_input_channels")
 
 
-def check_method_options(method: str, plans: dict, config: dict, n_channels: int, kwargs: dict) -> None:
+def check_method_options(method: str, plans: dict, config: dict, n_channels: int, kwargs: dict) -> Any:
     """``--size`` / ``--method-kwargs`` against the method's builder: unknown keys by its signature, then a build
-    on the meta device (no memory, no weights) so a bad preset or value fails here, not after planning."""
+    on the meta device (no memory, no weights) so a bad preset or value fails here, not after planning. Returns
+    that meta-device network (None if some operation has no meta kernel)."""
     import torch
 
     from ssl3d.training.methods import get_method_spec
@@ -182,12 +183,26 @@ def check_method_options(method: str, plans: dict, config: dict, n_channels: int
         trial["backend"] = "reference"
     try:
         with torch.device("meta"):
-            spec.build(plans, config, n_channels, **trial)
+            return spec.build(plans, config, n_channels, **trial)
     except (TypeError, ValueError, KeyError) as e:
         opt = "--size" if "size" in str(e) and "size" in kwargs else "--method-kwargs"
         raise BadInputError(None, f"{opt}: method '{method}' refuses {json.dumps(kwargs)}: {e}") from None
     except (RuntimeError, NotImplementedError):
-        pass  # an operation without a meta kernel: the real build will tell
+        return None  # an operation without a meta kernel: the real build will tell
+
+
+def check_checkpoint_fits(network: Any, state: dict, path: Path, options: str) -> None:
+    """A checkpoint to continue from must hold exactly ``network``'s tensors (same names and shapes)."""
+    if network is None:
+        return
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        raise BadInputError(path, f"does not match the network of {options} ({len(missing)} missing, "
+                                  f"{len(unexpected)} unexpected, {len(wrong)} wrong-shape tensors); continue with "
+                                  f"the options it was trained with, or pass --overwrite")
 
 
 def refuse_finished(fold_dir: Path, continue_flag: str = "--c", overwrite_flag: str = "--overwrite",
