@@ -8,7 +8,7 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ssl3d.utils import BadInputError, env_dir
 
@@ -223,14 +223,3 @@ def refuse_finished(fold_dir: Path, continue_flag: str = "--c", overwrite_flag: 
 def add_overwrite(parser: argparse.ArgumentParser, what: str = "a finished result of this fold") -> None:
     parser.add_argument("--overwrite", action="store_true", help=f"replace {what} (default: refuse)")
 
-
-def checked(fn: Callable[[argparse.Namespace], int], *checks: Callable[[argparse.Namespace], None]
-            ) -> Callable[[argparse.Namespace], int]:
-    """``fn`` preceded by ``checks`` (each raises BadInputError)."""
-
-    def body(args: argparse.Namespace) -> int:
-        for c in checks:
-            c(args)
-        return fn(args)
-
-    return body
