@@ -207,3 +207,25 @@ def test_good_labeled_dataset_passes(env):
 
     cases, dj = check_labeled_dataset(make_labeled(env["nnUNet_raw"]), 1, num_processes=2)
     assert sorted(c.case_id for c in cases) == ["case0", "case1", "case2", "case3"]
+
+
+def test_pretraining_log_names_the_network_it_builds(tiny_pretraining):
+    log = next((tiny_pretraining / "fold_0").glob("training_log_*.txt")).read_text()
+    line = next(ln for ln in log.splitlines() if ln.startswith("network built:"))
+    assert "spark (SparK3D), size tiny" in line and "features_per_stage [8, 16, 32, 64]" in line
+
+
+def test_plan_summary_names_each_decision_and_its_rule(tmp_path):
+    from ssl3d.preprocessing.pipeline import PlanOptions, plan_and_preprocess
+
+    for i in range(2):  # a CT whose air was set to 0 looks like MRI: the summary must say so and how to override
+        write_image(tmp_path / "scans" / f"c{i}.nii.gz", (ct_volume(i) + 1000).clip(0).astype(np.int16))
+    res = plan_and_preprocess(PlanOptions(folders=[str(tmp_path / "scans")], output_root=str(tmp_path / "pre"),
+                                          num_processes=1, progress=False))
+    text = "\n".join(res.summary)
+    assert "channel 0 (unknown): MRI [inferred: no air-like voxels" in text and "pass --modality CT" in text
+    assert "ZScoreNormalization" in text and "spacing 4 x 0.8 x 0.8 mm [nnU-Net's rule: per-axis median]" in text
+    for word in ("patch ", "network ResidualEncoderUNet: ", "mask cell "):
+        assert word in text
+    plans = json.loads(res.plans_file.read_text())
+    assert plans["ssl3d"]["modality_rules"]["0"].startswith("inferred: no air-like voxels")

@@ -229,6 +229,27 @@ class SSLPretrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, TrainerInitMix
             for name in ("ssl_method.json", "plans.json"):
                 shutil.copyfile(os.path.join(self.output_folder_base, name), os.path.join(self.output_folder, name))
 
+    def print_plans(self):
+        """nnU-Net prints the planned configuration (its architecture is the planned ResEnc); say what is built."""
+        super().print_plans()
+        if self.local_rank == 0:
+            self.print_to_log_file(self.built_network_line(), add_timestamp=False)
+
+    def built_network_line(self) -> str:
+        """The network this run really trains (method, --size, parameters) and the one fine-tuning receives."""
+        net = self.ssl_method
+        n_params = sum(p.numel() for p in net.parameters())
+        size = (self.method_kwargs or {}).get("size", "planned")
+        line = f"network built: {self.method_spec.name} ({type(net).__name__}), size {size}, {n_params:,} parameters"
+        arch = self._downstream_architecture()
+        if arch:
+            kw = arch.get("arch_kwargs", {})
+            line += f"; downstream {arch['network_class_name'].rsplit('.', 1)[-1]}"
+            for key in ("n_stages", "features_per_stage", "strides"):
+                if key in kw:
+                    line += f", {key} {kw[key]}"
+        return line + " (this, not the planned architecture above)"
+
     def _downstream_architecture(self) -> dict | None:
         try:
             return self.ssl_method.downstream_architecture()
