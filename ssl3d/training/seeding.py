@@ -16,6 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ssl3d.utils import DiesWithParent
+
 
 def derive_seed(*parts: object) -> int:
     """A 31-bit seed from any tuple of parts (stable across processes and Python versions)."""
@@ -47,7 +49,8 @@ def seeded_nnunet_augmenters(seed: int, rank: int) -> Iterator[None]:
     class SeededAugmenter(original):
         def __init__(self, data_loader, transform, num_processes, *args, **kwargs):
             kwargs["seeds"] = worker_seeds(seed, rank, next(streams, "extra"), num_processes)
-            super().__init__(data_loader, transform, num_processes, *args, **kwargs)
+            # workers die with nnUNetv2_train, also on its kill -9
+            super().__init__(DiesWithParent(data_loader), transform, num_processes, *args, **kwargs)
 
     trainer_module.NonDetMultiThreadedAugmenter = SeededAugmenter
     try:
