@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_raw_dataset
+from conftest import ct_volume, make_raw_dataset, write_image
 from ssl3d.cli.common import setup_logging
 from ssl3d.cli import (benchmark, extract_features, finetune, finetune_cls, make_demo_data, plan_and_preprocess,
                        predict, pretrain, validate)
@@ -118,6 +118,17 @@ def test_ct_window_order_checked_before_planning(capsys, tmp_path):
     rc, err = call(plan_and_preprocess.main, ["-i", str(tmp_path), "-o", str(out), "--ct-window", "250", "-175"],
                    capsys)
     assert_one_line(rc, err, "--ct-window 250 -175", "LO must be below HI")
+    assert not any(out.iterdir())
+
+
+def test_mask_cell_not_a_multiple_of_the_stride_is_one_line(capsys, tmp_path):
+    for i in range(2):
+        write_image(tmp_path / "scans" / f"s{i}.nii.gz", ct_volume(i))
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, err = call(plan_and_preprocess.main, ["-i", str(tmp_path / "scans"), "-o", str(out), "--mask-cell-size", "3",
+                                              "3", "3", "-np", "1", "--no-progress"], capsys)
+    assert_one_line(rc, err, "--mask-cell-size 3 3 3", "multiple of the encoder's total stride")
     assert not any(out.iterdir())
 
 

@@ -27,8 +27,13 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 from ssl3d.layers import total_stride
+from ssl3d.utils import BadInputError
 
 logger = logging.getLogger(__name__)
+
+
+class PlanOptionError(BadInputError, ValueError):
+    """A forced planning option that cannot work (one line via the CLIs, exit code 2)."""
 
 PLANS_NAME = "ssl3dPlans"
 CONFIGURATION = "3d_fullres"
@@ -93,7 +98,8 @@ def plan_topology(spacing: Sequence[float], median_shape: Sequence[int], patch_v
     encoder_stride = [int(d) for d in divisible]
     cell = list(encoder_stride) if mask_cell_size is None else [int(c) for c in mask_cell_size]
     if any(c % s != 0 for c, s in zip(cell, encoder_stride)):
-        raise ValueError(f"mask cell size {cell} must be a multiple of the encoder's total stride {encoder_stride}")
+        raise PlanOptionError(None, f"--mask-cell-size {' '.join(map(str, cell))}: mask cell size {cell} must be a "
+                                    f"multiple of the encoder's total stride {encoder_stride}")
     final_patch = _round_up(patch, _lcm(cell, encoder_stride))
     if patch_size is not None and list(final_patch) != [int(p) for p in patch_size]:
         logger.warning("patch size %s adjusted to %s (divisible by stride %s and mask cell %s)",
