@@ -3,7 +3,9 @@
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported
 (slow; for tests only). Supports groups=1 and depthwise (groups = Cin = Cout), any kernel/stride/padding,
 dilation 1; fp32 (TF32 when ``torch.backends.cudnn.allow_tf32``, like cuDNN), bf16 and fp16 with fp32
-accumulation.
+accumulation. Weight gradients use fp32 atomics, or per-split partial sums reduced in a fixed order when
+``torch.are_deterministic_algorithms_enabled()``. Every kernel launch goes through ``_launch`` so that
+``triton_aot.record_launches`` can capture the specializations a model launches without running them.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ TILE = (4, 4, 4)  # 64 voxels = the GEMM M block; cells are usually multiples of
 
 _tk = None
 _import_error: str | None = None
+_recorder = None  # set by triton_aot.record_launches: receives (kernel name, grid, args) instead of a launch
+DETERMINISTIC_PARTIALS = 1 << 24  # fp32 elements of per-split wgrad partial sums (64 MiB) at most
 
 
 def _kernels():
@@ -40,6 +44,8 @@ def interpreter_active() -> bool:
 
     Triton decides that when it is imported, so ``TRITON_INTERPRET=1`` set afterwards is not enough.
     """
+    if _recorder is not None:
+        return True  # recording: launches are captured, never run, so CPU tensors are fine
     if os.environ.get("TRITON_INTERPRET") != "1" or _kernels() is None:
         return False
     import triton.language as tl
@@ -51,7 +57,7 @@ def available(device: torch.device | None = None) -> bool:
     if _kernels() is None:
         return False
     if device is not None and device.type == "cuda":
-        return torch.cuda.is_available()
+        return torch.cuda.is_available() or _recorder is not None
     return interpreter_active() or torch.cuda.is_available()
 
 
@@ -102,7 +108,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _upcast(t: torch.Tensor) -> bool:
-    return t.dtype == torch.bfloat16 and not t.is_cuda  # interpreter's bf16 tl.dot returns garbage
+    # interpreter's bf16 tl.dot returns garbage; recorded launches are those a CUDA tensor would make
+    return t.dtype == torch.bfloat16 and not t.is_cuda and _recorder is None
 
 
 def _blk(n: int, lo: int = 16, hi: int = 64) -> int:
@@ -112,8 +119,14 @@ def _blk(n: int, lo: int = 16, hi: int = 64) -> int:
     return b
 
 
+def _launch(name: str, grid: tuple, *args) -> None:
+    if _recorder is not None:
+        _recorder(name, grid, args)
+    else:
+        getattr(_kernels(), name)[grid](*args)
+
+
 def _fwd(x, w, bias, lay_in, lay_out, stride, padding, depthwise):
-    tk = _kernels()
     bsz, ci = x.shape[:2]
     co = w.shape[0]
     do, ho, wo = lay_out.shape
@@ -125,16 +138,15 @@ def _fwd(x, w, bias, lay_in, lay_out, stride, padding, depthwise):
     wk = (w.reshape(co, -1).t() if depthwise else w.permute(2, 3, 4, 1, 0).reshape(-1, ci, co)).contiguous()
     bn = _blk(co)
     grid = (tiles.shape[0], triton_cdiv(co, bn))
-    tk.conv_fwd_kernel[grid](
-        x, wk.to(x.dtype), bias if bias is not None else wk, _u8(lay_in), _u8(lay_out), out, tiles,
-        ci, co, *lay_in.shape, do, ho, wo, *x.stride(), *out.stride(),
+    _launch(
+        "conv_fwd_kernel", grid, x, wk.to(x.dtype), bias if bias is not None else wk, _u8(lay_in), _u8(lay_out),
+        out, tiles, ci, co, *lay_in.shape, do, ho, wo, *x.stride(), *out.stride(),
         *k, *stride, *padding, bias is not None, *TILE, _blk(ci, 16, 32), bn, depthwise, _precision(x.dtype),
         _upcast(x))
     return out
 
 
 def _dgrad(g, w, lay_in, lay_out, stride, padding, depthwise, ci):
-    tk = _kernels()
     bsz, co = g.shape[:2]
     gx = _cl(g.new_zeros((bsz, ci, *lay_in.shape)))
     tiles = active_tiles(lay_in)
@@ -143,29 +155,45 @@ def _dgrad(g, w, lay_in, lay_out, stride, padding, depthwise, ci):
     k = w.shape[2:]
     wk = (w.reshape(co, -1).t() if depthwise else w.permute(2, 3, 4, 0, 1).reshape(-1, co, ci)).contiguous()
     bn = _blk(ci)
-    tk.conv_dgrad_kernel[(tiles.shape[0], triton_cdiv(ci, bn))](
-        g, wk.to(g.dtype), _u8(lay_in), _u8(lay_out), gx, tiles,
-        ci, co, *lay_in.shape, *lay_out.shape, *g.stride(), *gx.stride(),
+    _launch(
+        "conv_dgrad_kernel", (tiles.shape[0], triton_cdiv(ci, bn)), g, wk.to(g.dtype), _u8(lay_in), _u8(lay_out),
+        gx, tiles, ci, co, *lay_in.shape, *lay_out.shape, *g.stride(), *gx.stride(),
         *k, *stride, *padding, *TILE, _blk(co, 16, 32), bn, depthwise, _precision(g.dtype), _upcast(g))
     return gx
 
 
+def wgrad_split(n_tiles: int, kvol: int, ci: int, co: int, deterministic: bool) -> int:
+    """Tile chunks per tap: enough programs to fill the GPU; partial sums capped at DETERMINISTIC_PARTIALS."""
+    split = max(1, min(64, n_tiles // 8))
+    if deterministic:
+        split = max(1, min(split, DETERMINISTIC_PARTIALS // (kvol * ci * co)))
+    return split
+
+
 def _wgrad(x, g, w, lay_in, lay_out, stride, padding, depthwise):
-    tk = _kernels()
     co, ci_g = w.shape[:2]
     ci = x.shape[1]
     k = tuple(w.shape[2:])
     kvol = k[0] * k[1] * k[2]
     tiles = active_tiles(lay_out)
-    dw = torch.zeros((kvol, co) if depthwise else (kvol, ci, co), device=x.device, dtype=torch.float32)
-    if tiles.shape[0]:
-        split = max(1, min(64, tiles.shape[0] // 8))
+    shape = (kvol, co) if depthwise else (kvol, ci, co)
+    det = torch.are_deterministic_algorithms_enabled()
+    if tiles.shape[0] == 0:
+        dw = torch.zeros(shape, device=x.device, dtype=torch.float32)
+    else:
+        split = wgrad_split(tiles.shape[0], kvol, 1 if depthwise else ci, co, det)
+        # deterministic: every split stores its own partial sum (each element written once, so no zero-fill),
+        # summed below over splits in a fixed order
+        dw = (torch.empty((split, *shape), device=x.device, dtype=torch.float32) if det
+              else torch.zeros(shape, device=x.device, dtype=torch.float32))
         bci, bco = (1, _blk(co)) if depthwise else (_blk(ci, 16, 32), _blk(co, 16, 32))
         grid = (kvol * split, 1 if depthwise else triton_cdiv(ci, bci), triton_cdiv(co, bco))
-        tk.conv_wgrad_kernel[grid](
-            x, g, _u8(lay_in), _u8(lay_out), dw, tiles, tiles.shape[0],
+        _launch(
+            "conv_wgrad_kernel", grid, x, g, _u8(lay_in), _u8(lay_out), dw, tiles, tiles.shape[0], split,
             ci, co, *lay_in.shape, *lay_out.shape, *x.stride(), *g.stride(),
-            *k, *stride, *padding, *TILE, bci, bco, split, depthwise, _precision(x.dtype), _upcast(x))
+            *k, *stride, *padding, *TILE, bci, bco, det, depthwise, _precision(x.dtype), _upcast(x))
+        if det:
+            dw = dw.sum(0)
     if depthwise:
         return dw.t().reshape(co, 1, *k).to(w.dtype)
     return dw.reshape(*k, ci, co).permute(4, 3, 0, 1, 2).contiguous().to(w.dtype)

@@ -5,7 +5,10 @@ tiles that contain at least one visible voxel, times one block of channels. Tile
 never visited. Accumulation is fp32 for fp32/bf16/fp16 inputs. Masks are uint8 ``(B, D, H, W)``; features
 are addressed through explicit strides (NCDHW or channels-last). Regular convs use ``tl.dot``; depthwise
 convs are per-channel FMAs. Gradients: dgrad walks the *input* tiles and gathers ``(i + p - k) / s``,
-wgrad reduces over output tiles split across programs and finishes with fp32 atomics.
+wgrad reduces over output tiles split across programs and finishes with fp32 atomics, or (``DETERMINISTIC``)
+stores one partial sum per split that the caller reduces in a fixed order. Feature offsets are 64-bit
+(``_offset``): ``z * stride_z`` passes 2^31 for large volumes (320 channels at 192^3). The tile count and the
+split count are runtime arguments that Triton does not specialize on, so masks and splits never recompile.
 """
 from __future__ import annotations
 
@@ -21,6 +24,12 @@ def _tile_coords(tiles_ptr, pid, TZ: tl.constexpr, TY: tl.constexpr, TX: tl.cons
     x0 = tl.load(tiles_ptr + pid * 4 + 3)
     r = tl.arange(0, TZ * TY * TX)
     return b, z0 + r // (TY * TX), y0 + (r // TX) % TY, x0 + r % TX
+
+
+@triton.jit
+def _offset(b, z, y, x, sb, sz, sy, sx):
+    """Element offset of voxel (b, z, y, x) in int64 (i32 products of coordinate and stride can overflow)."""
+    return b.to(tl.int64) * sb + z.to(tl.int64) * sz + y.to(tl.int64) * sy + x.to(tl.int64) * sx
 
 
 @triton.jit
@@ -58,7 +67,7 @@ def _accumulate_tap(acc, src_ptr, w_ptr, row, ok, n, n_ok, K, N, kk, s_c,
 def _store_visible(acc, m_ptr, out_ptr, b, z, y, x, D, H, W, sb, sz, sy, sx, sc, n, n_ok, valid):
     """Store the tile, zero where the output mask is not set."""
     acc = tl.where(_visible(m_ptr, b, z, y, x, D, H, W, valid)[:, None], acc, 0.0)
-    ptr = out_ptr + (b * sb + z * sz + y * sy + x * sx)[:, None] + n[None, :] * sc
+    ptr = out_ptr + _offset(b, z, y, x, sb, sz, sy, sx)[:, None] + n[None, :] * sc
     tl.store(ptr, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
@@ -87,7 +96,7 @@ def conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, mi_ptr, mo_ptr, out_ptr, tiles_ptr,
         ix = ox * SX - PX + kx
         ok = out_ok & (iz >= 0) & (iz < Di) & (iy >= 0) & (iy < Hi) & (ix >= 0) & (ix < Wi)
         ok = _visible(mi_ptr, b, iz, iy, ix, Di, Hi, Wi, ok)
-        row = b * sxb + iz * sxz + iy * sxy + ix * sxx
+        row = _offset(b, iz, iy, ix, sxb, sxz, sxy, sxx)
         acc = _accumulate_tap(acc, x_ptr, w_ptr, row, ok, co, co_ok, Ci, Co, kk, sxc, BLOCK_K, DEPTHWISE,
                               PRECISION, UPCAST)
     if HAS_BIAS:
@@ -124,29 +133,31 @@ def conv_dgrad_kernel(g_ptr, w_ptr, mi_ptr, mo_ptr, gx_ptr, tiles_ptr,
         ox = tx // SX
         ok = ok & (oz < Do) & (oy < Ho) & (ox < Wo)
         ok = _visible(mo_ptr, b, oz, oy, ox, Do, Ho, Wo, ok)
-        row = b * sgb + oz * sgz + oy * sgy + ox * sgx
+        row = _offset(b, oz, oy, ox, sgb, sgz, sgy, sgx)
         acc = _accumulate_tap(acc, g_ptr, w_ptr, row, ok, ci, ci_ok, Co, Ci, kk, sgc, BLOCK_K, DEPTHWISE,
                               PRECISION, UPCAST)
     _store_visible(acc, mi_ptr, gx_ptr, b, iz, iy, ix, Di, Hi, Wi, sib, siz, siy, six, sic, ci, ci_ok, in_ok)
 
 
-@triton.jit
-def conv_wgrad_kernel(x_ptr, g_ptr, mi_ptr, mo_ptr, dw_ptr, tiles_ptr, n_tiles,
+@triton.jit(do_not_specialize=["n_tiles", "n_split"])
+def conv_wgrad_kernel(x_ptr, g_ptr, mi_ptr, mo_ptr, dw_ptr, tiles_ptr, n_tiles, n_split,
                       Ci, Co, Di, Hi, Wi, Do, Ho, Wo,
                       sxb, sxc, sxz, sxy, sxx, sgb, sgc, sgz, sgy, sgx,
                       KZ: tl.constexpr, KY: tl.constexpr, KX: tl.constexpr,
                       SZ: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr,
                       PZ: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
                       TZ: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
-                      BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, SPLIT: tl.constexpr,
+                      BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, DETERMINISTIC: tl.constexpr,
                       DEPTHWISE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dw[k, ci, co] += sum over visible outputs o of (x*m_in)[ci, o*s - p + k] * (g*m_out)[co, o] (fp32 atomics).
+    """dw[k, ci, co] += sum over visible outputs o of (x*m_in)[ci, o*s - p + k] * (g*m_out)[co, o].
 
-    Grid: (KVOL, ceil(Ci / BLOCK_CI) (*1 for depthwise), ceil(Co / BLOCK_CO)) x SPLIT tile chunks on axis 0.
+    Grid: (KVOL * n_split, ceil(Ci / BLOCK_CI) (1 for depthwise), ceil(Co / BLOCK_CO)); split ``j`` visits
+    tiles j, j + n_split, ... Fp32 atomics into ``dw``, or with ``DETERMINISTIC`` a plain store into
+    ``dw[j]`` (shape (n_split, *dw)), summed over j by the caller.
     """
     pid0 = tl.program_id(0)
-    kk = pid0 // SPLIT
-    split = pid0 % SPLIT
+    kk = pid0 // n_split
+    split = pid0 % n_split
     kz = kk // (KY * KX)
     ky = (kk // KX) % KY
     kx = kk % KX
@@ -158,7 +169,7 @@ def conv_wgrad_kernel(x_ptr, g_ptr, mi_ptr, mo_ptr, dw_ptr, tiles_ptr, n_tiles,
         acc_d = tl.zeros((BLOCK_CO,), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
-    for t in range(split, n_tiles, SPLIT):
+    for t in range(split, n_tiles, n_split):
         b, oz, oy, ox = _tile_coords(tiles_ptr, t, TZ, TY, TX)
         out_ok = (oz < Do) & (oy < Ho) & (ox < Wo)
         ok_o = _visible(mo_ptr, b, oz, oy, ox, Do, Ho, Wo, out_ok)
@@ -167,8 +178,8 @@ def conv_wgrad_kernel(x_ptr, g_ptr, mi_ptr, mo_ptr, dw_ptr, tiles_ptr, n_tiles,
         ix = ox * SX - PX + kx
         ok_i = ok_o & (iz >= 0) & (iz < Di) & (iy >= 0) & (iy < Hi) & (ix >= 0) & (ix < Wi)
         ok_i = _visible(mi_ptr, b, iz, iy, ix, Di, Hi, Wi, ok_i)
-        xrow = b * sxb + iz * sxz + iy * sxy + ix * sxx
-        grow = b * sgb + oz * sgz + oy * sgy + ox * sgx
+        xrow = _offset(b, iz, iy, ix, sxb, sxz, sxy, sxx)
+        grow = _offset(b, oz, oy, ox, sgb, sgz, sgy, sgx)
         gv = tl.load(g_ptr + grow[:, None] + co[None, :] * sgc, mask=ok_o[:, None] & co_ok[None, :], other=0.0)
         if DEPTHWISE:
             a = tl.load(x_ptr + xrow[:, None] + co[None, :] * sxc, mask=ok_i[:, None] & co_ok[None, :], other=0.0)
@@ -180,7 +191,15 @@ def conv_wgrad_kernel(x_ptr, g_ptr, mi_ptr, mo_ptr, dw_ptr, tiles_ptr, n_tiles,
                 gv = gv.to(tl.float32)
             acc = tl.dot(tl.trans(a), gv, acc, input_precision=PRECISION)
     if DEPTHWISE:
-        tl.atomic_add(dw_ptr + kk * Co + co, acc_d, mask=co_ok)
+        ptr = dw_ptr + kk * Co + co
+        if DETERMINISTIC:
+            tl.store(ptr + split.to(tl.int64) * (KZ * KY * KX) * Co, acc_d, mask=co_ok)
+        else:
+            tl.atomic_add(ptr, acc_d, mask=co_ok)
     else:
-        tl.atomic_add(dw_ptr + (kk * Ci + ci[:, None]) * Co + co[None, :], acc,
-                      mask=ci_ok[:, None] & co_ok[None, :])
+        ptr = dw_ptr + (kk * Ci + ci[:, None]) * Co + co[None, :]
+        if DETERMINISTIC:
+            tl.store(ptr + split.to(tl.int64) * (KZ * KY * KX) * Ci * Co, acc,
+                     mask=ci_ok[:, None] & co_ok[None, :])
+        else:
+            tl.atomic_add(ptr, acc, mask=ci_ok[:, None] & co_ok[None, :])
