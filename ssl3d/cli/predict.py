@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    V.require_env("nnUNet_results")  # where the fine-tuned model is looked up
     V.check_writable(args.o)
     src = Path(args.i)
     if not src.is_dir():
