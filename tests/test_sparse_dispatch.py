@@ -222,3 +222,24 @@ def test_explicit_triton_fails_loudly(monkeypatch):
         ops.sparse_conv3d(x, w, b, 1, 1, 1, 1, lay, lay, backend="triton")
     y = ops.sparse_conv3d(x, w, b, 1, 1, 1, 1, lay, lay)  # auto never touches it on CPU
     torch.testing.assert_close(y, _ref(x, w, b, (1,) * 3, (1,) * 3, 1, lay, lay))
+
+
+def test_first_use_check_inside_non_reentrant_checkpoint(install):
+    """The check's own forward/backward must not be captured by an enclosing activation checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    timer = Timer({"gather": 2.0, "reference": 3.0, "triton": 1.0})
+    install(dispatch.Dispatcher(candidates={"triton": _ref}, timer=timer))
+    lay = _layout()
+    x, w, b = _problem(dtype=torch.float64)
+    x.requires_grad_()
+
+    def f(x):
+        return ops.sparse_conv3d(x, w, b, 1, 1, 1, 1, lay, lay).relu()
+
+    checkpoint(f, x, use_reentrant=False).sum().backward()
+    assert timer.calls  # measured inside the checkpointed region
+    g = x.grad.clone()
+    x.grad = None
+    f(x).sum().backward()
+    torch.testing.assert_close(g, x.grad)

@@ -152,6 +152,10 @@ def _reference_impl(x, w, b, stride, padding, groups, lay_in, lay_out):
     return reference.conv3d(x, w, b, stride, padding, 1, groups, lay_in, lay_out)
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _slice_layout(lay: Layout, i: int) -> Layout:
     return Layout(lay.mask[i:i + 1], lay.cells[i:i + 1], lay.cell_size)
 
@@ -227,8 +231,18 @@ class Dispatcher:
             return hit
         if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
             return base  # no autograd (inference mode) / no syncs (tracing): decide later, do not cache
-        with no_autocast(problem.device):  # candidates get inputs in the dtype they will see (cast already)
-            choice, record = self._measure(sig, problem, base, cudnn, custom)
+        try:
+            # identity hooks shadow those of an enclosing non-reentrant activation checkpoint, which would
+            # otherwise capture the check's own autograd graph; inputs arrive cast already, so no autocast
+            hooks = torch.autograd.graph.saved_tensors_hooks(_same, _same)
+            hooks.__enter__()
+        except RuntimeError:  # saved-tensor hooks disabled here: decide later
+            return base
+        try:
+            with no_autocast(problem.device):
+                choice, record = self._measure(sig, problem, base, cudnn, custom)
+        finally:
+            hooks.__exit__(None, None, None)
         self.choices[key] = choice
         self.records[key] = record
         if self.cache_path is not None:
