@@ -1,9 +1,10 @@
+import glob
 import os
 
-# Triton reads TRITON_INTERPRET when it is imported (by any test or by torch), so the interpreter that runs
-# the Triton kernel tests on CPU must be switched on before anything else; no GPU here, no effect elsewhere
-# ("auto" never picks Triton for CPU tensors).
-if not os.path.exists("/dev/nvidia0"):
+# Triton reads TRITON_INTERPRET when it is imported (by any test, nnU-Net or torch), so the interpreter that
+# runs the Triton kernel tests on CPU must be switched on before anything else, and only without a GPU (with
+# one, the compiled kernels are tested; "auto" never picks Triton for CPU tensors).
+if not glob.glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json
