@@ -57,6 +57,32 @@ def test_losses_are_fp32_under_autocast():
     assert mse.dtype == torch.float32 and mse.item() == masked_cell_mse(pred.float(), img, vis, (4, 8, 8)).item()
 
 
+@pytest.mark.parametrize("method", ["spark", "hyspark"])
+def test_bf16_step_of_sparse_backend_matches_reference_backend(method):
+    """One training step under CPU bf16 autocast, the gather backend against the dense-masked reference: loss and
+    every parameter gradient within bf16 tolerance, i.e. off the fp32 step by at most a small factor of what bf16
+    autocast does to the reference itself (its relative gradient errors reach ~0.4 on small-gradient tensors)."""
+    x = blob_batch(0, shape=SMALL)
+    ref = _sparse_method(method, "reference", SMALL)
+    vis = ref.random_mask(2, 0.5, torch.Generator().manual_seed(1))
+    l_true, g_true = _step(ref, x, vis, amp=False)
+    l_ref, g_ref = _step(ref, x, vis, amp=True)
+    sparse = _sparse_method(method, "gather", SMALL)
+    l_sp, g_sp = _step(sparse, x, vis, amp=True)
+    l32, g32 = _step(sparse, x, vis, amp=False)
+    assert g_true.keys() == g_ref.keys() == g_sp.keys() and len(g_true) > 50
+    assert abs(l_sp - l_true) <= 3 * abs(l_ref - l_true) + 1e-4 * l_true
+    total = torch.cat([g.flatten() for g in g_true.values()]).norm()
+    for k, g in g_true.items():
+        err, err_ref = (g_sp[k] - g).norm(), (g_ref[k] - g).norm()
+        assert err <= 3 * err_ref + 1e-2 * g.norm() + 1e-4 * total, (k, float(err), float(err_ref), float(g.norm()))
+    flat = {n: torch.cat([d[k].flatten() for k in g_true]) for n, d in (("sp", g_sp), ("ref", g_ref))}
+    flat_true = torch.cat([g.flatten() for g in g_true.values()])
+    assert (flat["sp"] - flat_true).norm() <= 2 * (flat["ref"] - flat_true).norm()
+    worst = max(float((g_sp[k] - g32[k]).norm() / g32[k].norm().clamp(min=1e-12)) for k in g32)
+    assert worst > 1e-3, "the bf16 step must actually have run in bf16"
+
+
 @pytest.mark.parametrize("method,backend,amp", [("spark", "cpu", False), ("hyspark", "reference", True),
                                                 ("mae", None, True)])
 def test_checkpoint_activations_same_loss_and_gradients_less_saved_memory(method, backend, amp):

@@ -25,10 +25,28 @@ from torch import nn
 
 from ssl3d.architectures.from_plans import scaled_architecture
 from ssl3d.training.distillation import ema_momentum, embedding_std, projection_mlp
+from ssl3d.training.losses import fp32_loss
 from ssl3d.training.methods.registry import OptimDefaults, register_method
 from ssl3d.training.methods.twoview import TwoViewMethod
 
 EPS = 1e-6
+
+
+@fp32_loss
+def voco_losses(s_t: torch.Tensor, s_b: torch.Tensor, t_b: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Position, negative and base-regularization losses from normalized student targets ``s_t (B, T, D)``,
+    student bases ``s_b (B, G, D)``, teacher bases ``t_b (B, G, D)`` and overlap labels ``(B, T, G)``."""
+    b, n_grid = s_t.shape[0], s_b.shape[1]
+    sim = F.relu(torch.einsum("btd,cgd->btcg", s_t, t_b))  # every target against every region's bases
+    own = torch.eye(b, dtype=torch.bool, device=s_t.device)
+    pos_sim = sim[torch.arange(b), :, torch.arange(b)]  # (B, T, G)
+    pos = -torch.log(1 - (pos_sim - labels).abs() + EPS).mean()
+    neg = -torch.log(1 - sim.permute(0, 2, 1, 3)[~own] + EPS).mean() if b > 1 else sim.new_zeros(())
+    pair = ~torch.eye(n_grid, dtype=torch.bool, device=s_t.device)
+    reg = -torch.log(1 - F.relu(s_b @ s_b.transpose(1, 2))[:, pair] + EPS).mean() if n_grid > 1 \
+        else sim.new_zeros(())
+    return pos, neg, reg
 
 
 def overlap_labels(target_lo: torch.Tensor, patch: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
@@ -93,14 +111,7 @@ class VoCo3D(TwoViewMethod):
         s_b = student[targets.shape[0]:].reshape(b, n_grid, -1)  # (B, G, D)
         with torch.no_grad():
             t_b = self.project(self.teacher, bases).reshape(b, n_grid, -1)
-        sim = F.relu(torch.einsum("btd,cgd->btcg", s_t, t_b))  # every target against every region's bases
-        own = torch.eye(b, dtype=torch.bool, device=x.device)
-        pos_sim = sim[torch.arange(b), :, torch.arange(b)]  # (B, T, G)
-        pos = -torch.log(1 - (pos_sim - labels).abs() + EPS).mean()
-        neg = -torch.log(1 - sim.permute(0, 2, 1, 3)[~own] + EPS).mean() if b > 1 else sim.new_zeros(())
-        pair = ~torch.eye(n_grid, dtype=torch.bool, device=x.device)
-        reg = -torch.log(1 - F.relu(s_b @ s_b.transpose(1, 2))[:, pair] + EPS).mean() if n_grid > 1 \
-            else sim.new_zeros(())
+        pos, neg, reg = voco_losses(s_t, s_b, t_b, labels)
         loss = pos + self.opts["neg_weight"] * neg + self.opts["reg_weight"] * reg
         self.stats = {"voco_position": float(pos.detach()), "voco_negative": float(neg.detach()),
                       "voco_base_reg": float(reg.detach()),
