@@ -77,10 +77,26 @@ def cudnn_choice(device_type: str, weight: torch.Tensor, stride, padding, dilati
 
 def _resolve(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
              dilation, groups: int, lay_in: Layout, lay_out: Layout, x_shape=None):
-    """(backend that runs, cuDNN fallback, signature)."""
+    """(backend that runs, cuDNN fallback, signature), cached on the output layout (a layout lives for one
+    step; the module and the functional call of one layer share the entry)."""
+    shape = tuple(x.shape if x_shape is None else x_shape)
+    dt = compute_dtype(x)
+    key = ("conv-backend", backend, shape, tuple(weight.shape), bias is None, tuple(stride), tuple(padding),
+           tuple(dilation), groups, dt, x.device, id(lay_in), id(dispatch.get_dispatcher()))
+    hit = lay_out.cache.get(key)
+    if hit is not None:
+        return hit
+    res = _resolve_uncached(backend, x, weight, bias, stride, padding, dilation, groups, lay_in, lay_out, shape, dt)
+    if res[0] in ("dense", "gather", "reference"):  # a custom kernel's choice can be revoked by a failure
+        lay_out.cache[key] = res
+    return res
+
+
+def _resolve_uncached(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride,
+                      padding, dilation, groups: int, lay_in: Layout, lay_out: Layout, shape, dt):
     be = canonical_backend(backend)
-    sig = dispatch.ConvSignature.of(x.shape if x_shape is None else x_shape, weight, bias is not None, stride,
-                                    padding, groups, lay_in, lay_out, compute_dtype(x), x.device)
+    sig = dispatch.ConvSignature.of(shape, weight, bias is not None, stride, padding, groups, lay_in, lay_out, dt,
+                                    x.device)
     gather_ok = cpu_backend.supports(weight, stride, padding, dilation, lay_in, lay_out)
     if be == "reference" or (be == "gather" and not gather_ok):
         choice = base = "reference"
@@ -100,8 +116,7 @@ def _resolve(backend: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             x.device, weight, stride, padding, dilation, groups, lay_in, lay_out)
         if custom:
             cudnn = {"reference": _reference_impl, **({"gather": cpu_backend.conv3d} if gather_ok else {})}
-            problem = dispatch.Problem(sig.x_shape, weight, bias, stride, padding, groups, lay_in, lay_out,
-                                       compute_dtype(x), x.device)
+            problem = dispatch.Problem(shape, weight, bias, stride, padding, groups, lay_in, lay_out, dt, x.device)
             choice = d.choose(sig, problem, base, cudnn, custom)
     dispatch.get_dispatcher().announce(sig, choice)
     return choice, base, sig
