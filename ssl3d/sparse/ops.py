@@ -56,10 +56,11 @@ def _reference_impl(x, w, b, stride, padding, groups, lay_in, lay_out):
 def _triton_runnable(device: torch.device) -> str | None:
     """None when Triton can run on ``device``, else why not."""
     tb = _triton()
-    if not tb.available(device):
-        return "triton cannot be imported" if tb._kernels() is None else f"no CUDA device for {device}"
-    if device.type != "cuda" and not tb.interpreter_active():
-        return f"{device} tensors need TRITON_INTERPRET=1 set before triton is imported"
+    if tb._kernels() is None:
+        return f"triton cannot be imported ({getattr(tb, '_import_error', None)})"
+    if not tb.available(device) or (device.type != "cuda" and not tb.interpreter_active()):
+        return "CUDA is not available" if device.type == "cuda" else \
+            f"{device} tensors need TRITON_INTERPRET=1 set before triton is imported"
     return None
 
 
