@@ -2,11 +2,12 @@
 data-loader workers, the resident memory (RSS) of every process of each run's tree sampled once a second.
 
 Host memory that grows until the process is killed is a reported failure of SparK's public code; here the growth
-of the tree's summed RSS after warm-up must stay under ``--limit-mb`` (50 MB). Warm-up = the first
+of the tree's summed PSS after warm-up must stay under ``--limit-mb`` (50 MB). Warm-up = the first
 ``--warmup`` fraction of a run's samples (imports, dataset caches, first batches, allocator pools); growth =
-median of the last 10 % of samples minus median of the 10 % right after warm-up (medians: a worker being
-restarted or a batch in flight does not decide it). RSS counts pages shared between forked workers once per
-process, so totals overstate real use; growth is what is judged. Synthetic data (``ssl_make_demo_data --size
+median of the last 10 % of the training samples minus median of the 10 % right after warm-up (medians: a batch in
+flight does not decide it; the run's final 10 % — final checkpoint, reconstruction-quality pass — are left out).
+RSS counts pages shared between forked workers once per process that touched them (copy-on-write pages of the
+trainer grow in every worker), so it is reported but PSS is judged. Synthetic data (``ssl_make_demo_data --size
 tiny``) in a temporary folder; nothing else is touched.
 
     .venv/bin/python benchmarks/soak.py [--iters 300] [--workers 2] [--keep DIR] [--json out.json]
@@ -95,7 +96,8 @@ def growth(samples: list[tuple[float, int, int, int]], warmup: float) -> dict:
     """Growth between the window right after warm-up and the last window before the tree shrinks at shutdown."""
     steady = max(s[3] for s in samples)
     last = max(i for i, s in enumerate(samples) if s[3] == steady)  # the end: before workers exit
-    n = last + 1
+    # the last 10 % are the run's end (final checkpoint, reconstruction-quality pass, final validation), not steps
+    n = max(2, int((last + 1) * 0.9))
     start = int(n * warmup)
     window = max(1, n // 10)
     out = {"samples": len(samples), "max_processes": steady}
