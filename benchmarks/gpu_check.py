@@ -47,7 +47,7 @@ class Section:
 CONV_LABELS = ("dense", "dense-masked", "gather", "triton", "auto")
 SECTIONS = [Section("environment", 30, 60), Section("pytest_gpu", 200, 300, 30),
             *[Section(f"sparse_conv.{b}", 60 if b in ("triton", "auto") else 30, 120) for b in CONV_LABELS],
-            Section("encoder", 60, 120), Section("pretrain", 90, 300), Section("ssl_benchmark", 90, 600)]
+            Section("encoder", 60, 120), Section("pretrain", 90, 300), Section("ssl_benchmark", 150, 600)]
 
 
 class Context:
@@ -221,23 +221,31 @@ def section_ssl_benchmark(ctx: Context) -> None:
             with open(ctx.out / "ssl_benchmark.log", "a") as log:
                 log.write(f"$ {' '.join(cmd)}\n")
                 log.flush()
-                r = subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   timeout=max(ctx.time_left() - 3, 1))
-            t.add(step=step, status="ok" if r.returncode == 0 else f"exit {r.returncode}", seconds=time.time() - t0)
-            if r.returncode != 0:
-                raise RuntimeError(f"{cmd[0]} exited with {r.returncode}; see ssl_benchmark.log")
-        res = json.loads((work / "out" / "results.json").read_text())
-        for name, p in res.get("pretraining", {}).items():
-            t.add(step="pretraining", id=name, status="ok", seconds=p.get("wall_s"),
-                  note=f"train loss {p.get('final_train_loss')}, val loss {p.get('final_val_loss')}")
-        for arm in res.get("arms", []):
-            t.add(step="arm", id=arm["id"], status=arm.get("status"), mean_dice=arm.get("mean_dice"),
-                  seconds=(arm.get("finetune_s") or 0) + (arm.get("predict_s") or 0))
-        for f in res.get("failures", []):
-            t.add(step="failure", id=str(f.get("id", f))[:100], status="failed", note=str(f)[:300])
+                try:
+                    rc = subprocess.run([str(bin_dir / cmd[0]), *cmd[1:]], env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, timeout=max(ctx.time_left() - 3, 1)).returncode
+                except subprocess.TimeoutExpired:
+                    rc = "stopped: section time limit reached"
+            t.add(step=step, status="ok" if rc == 0 else str(rc), seconds=time.time() - t0)
+            if rc != 0:
+                raise RuntimeError(f"{cmd[0]}: {rc}; see ssl_benchmark.log")
+        for row in benchmark_rows(json.loads((work / "out" / "results.json").read_text())):
+            t.add(**row)
         shutil.copy(work / "out" / "results.md", ctx.out / "ssl_benchmark_results.md")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def benchmark_rows(res: dict) -> list[dict]:
+    """Table rows from ``ssl_benchmark``'s results.json: pretraining runs, arms, failures."""
+    rows = [dict(step="pretraining", id=name, status="ok", seconds=p.get("wall_s"),
+                 note=f"train loss {p.get('final_train_loss')}, val loss {p.get('final_val_loss')}")
+            for name, p in res.get("pretraining", {}).items()]
+    rows += [dict(step="arm", id=arm["id"], status=arm.get("status"), mean_dice=arm.get("mean_dice"),
+                  seconds=(arm.get("finetune_s") or 0) + (arm.get("predict_s") or 0)) for arm in res.get("arms", [])]
+    rows += [dict(step="failure", id=str(f.get("step")), status="failed", note=str(f.get("error"))[:300])
+             for f in res.get("failures", [])]
+    return rows
 
 
 def run_section(name: str, ctx: Context) -> None:
@@ -354,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     problem = (f"unknown section {bad[0]!r} (sections: {', '.join(names)})" if bad else
                f"{out}: exists and is not a folder" if out.exists() and not out.is_dir() else
                "--budget must be positive" if args.budget is not None and args.budget <= 0 else
-               f"{args.bundle}: its folder does not exist" if args.bundle and not Path(args.bundle).resolve().parent.is_dir()
-               else None)
+               f"{args.bundle}: its folder does not exist"
+               if args.bundle and not Path(args.bundle).resolve().parent.is_dir() else None)
     if problem:
         print(f"gpu_check: {problem}", file=sys.stderr)
         return 2

@@ -229,7 +229,7 @@ def encoder_section(ctx) -> None:
                 row: dict[str, Any] = dict(encoder=name, dtype=dt, ratio=ratio, backend=label)
                 why = None if label == "dense" else unavailable(label, dev)
                 if label == "triton" and ctx.dry and not why:
-                    why = "dry run: a whole encoder is too slow in the Triton interpreter (sparse_conv.triton covers it)"
+                    why = "dry run: a whole encoder is too slow in the Triton interpreter (see sparse_conv.triton)"
                 if why:
                     table.add(**row, note=f"skipped: {why}")
                     break
