@@ -143,7 +143,7 @@ def section_encoder(ctx: Context) -> None:
 
 def section_pretrain(ctx: Context) -> None:
     """``benchmarks/pretrain_throughput.py`` (its command line), once per method: spark and hyspark, dense-masked
-    vs sparse, bf16 (and spark with activation checkpointing where it has that option)."""
+    vs sparse, bf16 (activation checkpointing is left to that script: its rows do not fit the 8 minutes)."""
     import tempfile
 
     script = HERE / "pretrain_throughput.py"
@@ -162,14 +162,12 @@ def section_pretrain(ctx: Context) -> None:
               note="dense-masked = reference backend (dense conv on the masked input, what SparK/nnssl run); sparse "
                    "= auto; peak_gib = torch.cuda.max_memory_allocated (CPU dry run: RSS growth); "
                    "vs_dense_masked = iterations/s over dense-masked's")
-    ckpt = ["--checkpoint-activations"] if "--checkpoint-activations" in text and not ctx.dry else []
     methods = ("spark",) if ctx.dry else ("spark", "hyspark")  # dry run: one method (4 workers take minutes)
     missing = []
     for method in methods:  # one call per method, so a stopped or failed one keeps the other's rows
         with tempfile.TemporaryDirectory() as tmp:  # its workers are separate processes already
             js = Path(tmp) / "rows.json"
-            cmd = [sys.executable, str(script), "--methods", method, "--batch", "2", *shape, *amp,
-                   *(ckpt if method == "spark" else []), "--json", str(js)]
+            cmd = [sys.executable, str(script), "--methods", method, "--batch", "2", *shape, *amp, "--json", str(js)]
             print("$ " + " ".join(cmd), flush=True)
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
@@ -307,6 +305,10 @@ def drive(out: Path, dry: bool, budget: float, plan: list[Section], bundle: Path
     from gpu_check_sparse import merge_conv_tables
 
     start = time.time()
+    # auto's first-use decisions (timings per layer signature) shared by every section and kept as a result
+    cache = out / "sparse_dispatch_cache.json"
+    cache.unlink(missing_ok=True)
+    os.environ["SSL3D_SPARSE_CACHE"] = str(cache)
     summary = Table(out, "summary", "gpu_check sections", ["section", "status", "seconds", "limit_s", "note"],
                     note=f"{'dry run (CPU, tiny shapes)' if dry else 'GPU run'}; budget {budget:.0f} s")
     failed = 0
