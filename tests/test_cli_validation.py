@@ -185,6 +185,18 @@ def test_cuda_without_gpu_is_one_line(main, argv, capsys, nnunet_env, tmp_path, 
     assert tree(tmp_path) == before
 
 
+@pytest.mark.skipif(CUDA, reason="needs a machine without CUDA")
+def test_triton_backend_where_it_cannot_run_is_one_line(capsys, nnunet_env, tmp_path, monkeypatch):
+    from ssl3d.sparse import triton_backend
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(triton_backend, "interpreter_active", lambda: False)  # as without TRITON_INTERPRET=1
+    before = tree(tmp_path)
+    rc, err = call(pretrain.main, PT + ["-device", "cpu", "--backend", "triton"], capsys)
+    assert_one_line(rc, err, "--backend triton", "TRITON_INTERPRET")
+    assert tree(tmp_path) == before
+
+
 def test_unwritable_or_file_outputs_are_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(BadInputError, match="is a file, not a folder"):

@@ -122,6 +122,7 @@ def make_trainer(args: argparse.Namespace):
 
     V.require_env("nnUNet_preprocessed", "nnUNet_results")
     V.check_device(args.device)
+    V.check_sparse_backend(args.backend, args.device)
     if args.c and args.overwrite:
         raise BadInputError(None, "--c and --overwrite exclude each other")
     if args.i:  # the pool is planned and written there first

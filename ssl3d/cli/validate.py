@@ -148,6 +148,19 @@ def check_device(device: str) -> None:
                                   f"use -device cpu")
 
 
+def check_sparse_backend(backend: str, device: str) -> None:
+    """``--backend triton`` only where the kernels can run (imports torch and triton)."""
+    if backend != "triton":
+        return
+    import torch
+
+    from ssl3d.sparse.ops import triton_unavailable_reason
+
+    why = triton_unavailable_reason(torch.device(device))
+    if why is not None:
+        raise BadInputError(None, f"--backend triton on -device {device}: {why}; use --backend auto")
+
+
 def check_patch_size(patch: Sequence[int] | None, config: dict) -> None:
     """A forced patch must be divisible by the plans' mask cell and encoder stride per axis."""
     if not patch:

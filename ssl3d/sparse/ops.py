@@ -53,7 +53,7 @@ def _reference_impl(x, w, b, stride, padding, groups, lay_in, lay_out):
     return reference.conv3d(x, w, b, stride, padding, 1, groups, lay_in, lay_out)
 
 
-def _triton_runnable(device: torch.device) -> str | None:
+def triton_unavailable_reason(device: torch.device) -> str | None:
     """None when Triton can run on ``device``, else why not."""
     tb = _triton()
     if tb._kernels() is None:
@@ -104,7 +104,7 @@ def _resolve_uncached(backend: str, x: torch.Tensor, weight: torch.Tensor, bias:
     elif be == "gather":
         choice = base = "gather"
     elif be == "triton":
-        why = _triton_runnable(x.device)
+        why = triton_unavailable_reason(x.device)
         if why is not None:
             raise RuntimeError(f"sparse backend 'triton' was requested but cannot run: {why}")
         choice = "triton" if _triton().supports(weight, stride, padding, dilation, groups, lay_in, lay_out) \
@@ -259,6 +259,6 @@ def sparse_layer_norm_cf(x: torch.Tensor, mask, weight, bias, eps: float, backen
     return reference.layer_norm_cf(x, mask, weight, bias, eps)
 
 
-__all__ = ["sparse_conv3d", "sparse_conv_transpose3d", "sparse_max_pool3d", "sparse_avg_pool3d",
+__all__ = ["sparse_conv3d", "triton_unavailable_reason", "sparse_conv_transpose3d", "sparse_max_pool3d", "sparse_avg_pool3d",
            "sparse_batch_norm", "sparse_instance_norm", "sparse_group_norm", "sparse_layer_norm_cf",
            "choose_conv_backend", "cudnn_choice", "canonical_backend", "BACKENDS", "ALIASES"]
