@@ -26,7 +26,8 @@ def quiet_third_party_warnings() -> None:
     for message, category in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(message), category=category)
     given = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
-    ours = [f"ignore:{m}:{c.__name__}" for m, c in QUIET_WARNINGS]
+    # -W fields are split at ',' and ':', and the message field is a prefix: cut each message before either
+    ours = [f"ignore:{re.split('[,:]', m)[0]}:{c.__name__}" for m, c in QUIET_WARNINGS]
     os.environ["PYTHONWARNINGS"] = ",".join(given + [w for w in ours if w not in given])
 
 
