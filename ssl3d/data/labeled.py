@@ -17,8 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ssl3d.data.readers import (CaseSource, discover_raw_dataset, geometry_problems, read_case_images,
-                                read_image)
-from ssl3d.utils import BadInputError, BadInputs, guarded_case, map_cases, read_json
+                                read_dataset_json, read_image)
+from ssl3d.utils import BadInputError, BadInputs, guarded_case, map_cases
 
 # (case id, image file per channel, label file or None)
 LabeledCase = tuple[str, list[str], "str | None"]
@@ -166,13 +166,4 @@ def check_prediction_folder(folder: Path, channel_names: dict, file_ending: str,
 
 def model_dataset_json(results_folder: Path) -> dict:
     """The dataset.json nnU-Net copied into a fine-tuned model's results folder."""
-    path = Path(results_folder) / "dataset.json"
-    if not path.is_file():
-        raise BadInputError(path, "missing (not an nnU-Net results folder?)")
-    try:
-        dj = read_json(path)
-    except (ValueError, OSError) as e:
-        raise BadInputError(path, f"unreadable dataset.json ({e})") from None
-    if not isinstance(dj.get("channel_names", dj.get("modality")), dict) or not dj.get("file_ending"):
-        raise BadInputError(path, "dataset.json needs 'channel_names' and 'file_ending'")
-    return dj
+    return read_dataset_json(Path(results_folder) / "dataset.json", "missing (not an nnU-Net results folder?)")

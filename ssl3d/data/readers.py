@@ -82,19 +82,27 @@ def find_raw_dataset(name_or_id: str) -> Path:
     raise BadInputError(raw / str(name_or_id), f"no nnU-Net raw dataset '{name_or_id}' under nnUNet_raw")
 
 
+def read_dataset_json(path: Path, missing: str) -> dict:
+    """An nnU-Net dataset.json with its channels and file ending; ``missing`` says why the file is needed."""
+    if not path.is_file():
+        raise BadInputError(path, missing)
+    try:
+        dataset_json = read_json(path)
+    except (ValueError, OSError) as e:
+        raise BadInputError(path, f"unreadable dataset.json ({e})") from None
+    channels = dataset_json.get("channel_names", dataset_json.get("modality")) \
+        if isinstance(dataset_json, dict) else None
+    if not isinstance(channels, dict) or not channels or not dataset_json.get("file_ending"):
+        raise BadInputError(path, "dataset.json needs 'channel_names' and 'file_ending'")
+    return dataset_json
+
+
 def discover_raw_dataset(folder: Path, id_prefix: str = "") -> tuple[list[CaseSource], dict]:
     """Cases of an nnU-Net raw dataset (imagesTr; labels are ignored) and its dataset.json."""
     dj_path = folder / "dataset.json"
-    if not dj_path.is_file():
-        raise BadInputError(dj_path, "missing dataset.json (required for an nnU-Net raw dataset)")
-    try:
-        dataset_json = read_json(dj_path)
-    except (ValueError, OSError) as e:
-        raise BadInputError(dj_path, f"unreadable dataset.json ({e})") from None
+    dataset_json = read_dataset_json(dj_path, "missing dataset.json (required for an nnU-Net raw dataset)")
     channels = dataset_json.get("channel_names", dataset_json.get("modality"))
-    ending = dataset_json.get("file_ending")
-    if not isinstance(channels, dict) or not channels or not ending:
-        raise BadInputError(dj_path, "dataset.json needs 'channel_names' and 'file_ending'")
+    ending = dataset_json["file_ending"]
     if file_ending("x" + ending) is None:
         raise BadInputError(dj_path, f"unsupported file_ending '{ending}' (supported: {', '.join(SUPPORTED_ENDINGS)})")
     images = folder / "imagesTr"
