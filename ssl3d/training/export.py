@@ -108,23 +108,10 @@ def load_pretrained_method(folder: Path, checkpoint: Path) -> tuple[SSLMethod, d
 def transfer_encoder(network: torch.nn.Module, encoder_state: dict[str, torch.Tensor]) -> int:
     """Copy pretrained encoder weights into ``network``; every key must exist with the same shape and every
     network key under the pretrained top-level modules (``encoder.*``, ``swinViT.*``) must be covered.
-    Returns the number of tensors copied."""
-    target = network.state_dict()
-    missing = [k for k in encoder_state if k not in target]
-    wrong = [f"{k}: pretrained {tuple(v.shape)} vs network {tuple(target[k].shape)}"
-             for k, v in encoder_state.items() if k in target and target[k].shape != v.shape]
-    roots = {k.split(".", 1)[0] for k in encoder_state} or {"encoder"}
-    uncovered = [k for k in target if k.split(".", 1)[0] in roots and k not in encoder_state]
-    if missing or wrong or uncovered or not encoder_state:
-        detail = "; ".join(filter(None, [
-            f"{len(missing)} pretrained keys absent from the network (e.g. {missing[:2]})" if missing else "",
-            f"{len(wrong)} shape mismatches (e.g. {wrong[:2]})" if wrong else "",
-            f"{len(uncovered)} network encoder keys not pretrained (e.g. {uncovered[:2]})" if uncovered else "",
-            "no pretrained encoder weights" if not encoder_state else ""]))
-        raise EncoderMismatchError(f"pretrained encoder does not match the downstream network: {detail}")
-    with torch.no_grad():
-        for k, v in encoder_state.items():
-            target[k].copy_(v)
+    Returns the number of tensors copied (checks and the coverage line: ``external.coverage``)."""
+    from ssl3d.training.external.coverage import load_encoder_state
+
+    load_encoder_state(network, encoder_state)
     return len(encoder_state)
 
 
