@@ -9,8 +9,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ssl3d.cli.make_demo_data import main as make_demo_data
-from ssl3d.data.synthetic import (INPLANE_SPACING_MM, LABELS, SIZE_PRESETS, SLICE_SPACING_MM, _case_rng, _reorient,
-                                  make_phantom, phantom_to_sitk, write_demo_datasets)
+from ssl3d.data.synthetic import (INPLANE_SPACING_MM, LABELS, PHASES, SIZE_PRESETS, SLICE_SPACING_MM, _case_rng,
+                                  _reorient, make_phantom, phantom_to_sitk, write_demo_datasets)
 from ssl3d.utils import BadInputError
 
 SEED, N_U, N_L = 7, 4, 3
@@ -256,3 +256,52 @@ def test_portal_venous_phase_enhances_organs_on_the_same_anatomy():
     assert np.median(venous.image[liver]) > np.median(native.image[liver]) + 30
     with pytest.raises(BadInputError, match="contrast phase"):
         write_demo_datasets("/nonexistent-never-written", n_unlabeled=1, n_labeled=0, phase="arterial")
+
+
+def test_variety_is_seeded_and_stays_in_its_documented_ranges():
+    from ssl3d.data.synthetic_variety import CYST_HU, VARIATION, venous_hu
+
+    draws = [make_phantom(np.random.default_rng([21, i]), "tiny") for i in range(20)]
+    again = make_phantom(np.random.default_rng([21, 0]), "tiny")
+    np.testing.assert_array_equal(again.image, draws[0].image)
+    np.testing.assert_array_equal(again.label, draws[0].label)
+    assert again.info["variation"] == draws[0].info["variation"]
+    assert not np.array_equal(draws[0].label, draws[1].label)
+    per_case = [p.info["variation"] for p in draws]
+    for name, (lo, hi) in VARIATION.items():
+        if name.startswith("lesion"):
+            continue
+        values = [v[name] for v in per_case]
+        assert all(lo <= x <= hi for x in values), (name, values)
+        assert len(set(values)) > 10, f"{name} does not vary"
+    lesions = [les for v in per_case for les in v["lesions"]]
+    counts = [len(v["lesions"]) for v in per_case]
+    assert 0 < sum(c > 0 for c in counts) < 20 and max(counts) <= VARIATION["lesion_count"][1]
+    lo, hi = VARIATION["lesion_diameter_mm"]
+    assert all(lo <= les["diameter_mm"] <= hi for les in lesions)
+    assert all(CYST_HU[0] <= les["hu"] <= CYST_HU[1] for les in lesions if les["kind"] == "cyst")
+    assert all(les["hu"] < p.info["hu"]["liver"] for p in draws for les in p.info["variation"]["lesions"])
+    for p in draws:  # every labeled structure survives the variety
+        assert set(np.unique(p.label).tolist()) == set(LABELS.values())
+    # bigger patients are noisier; portal-venous timing: the liver rises, the aorta falls through the window
+    assert np.corrcoef([v["body_half_width_mm"] for v in per_case], [v["noise_sigma_hu"] for v in per_case])[0, 1] > 0
+    rng = np.random.default_rng(0)
+    timing = np.linspace(0, 1, 40)
+    venous = [venous_hu(rng, t, 0.5) for t in timing]
+    assert np.corrcoef(timing, [h["liver"] for h in venous])[0, 1] > 0.8
+    assert np.corrcoef(timing, [h["aorta"] for h in venous])[0, 1] < -0.8
+    assert all(100 <= h["liver"] <= 120 and 150 <= h["aorta"] <= 250 for h in venous)
+
+
+def test_lesions_and_liver_shift_leave_the_rest_of_the_case_unchanged():
+    """The fatty-liver variant of a seed differs only inside the liver (lesions included), in both phases."""
+    for phase in PHASES:
+        base = make_phantom(_case_rng(4, 2, 1), "tiny", phase)
+        fatty = make_phantom(_case_rng(4, 2, 1), "tiny", phase, liver_hu_shift=-40.0)
+        np.testing.assert_array_equal(base.label, fatty.label)
+        assert base.info["variation"] == fatty.info["variation"]
+        changed = base.image != fatty.image
+        liver = base.label == LABELS["liver"]
+        assert changed[liver].mean() > 0.5
+        # outside the liver only the blurred rim can change (Gaussian truncated at 4 sigma <= 3.2 voxels)
+        assert (changed & ~ndimage.binary_dilation(liver, np.ones((3, 3, 3), bool), iterations=4)).sum() == 0

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
+from ssl3d.data.synthetic_variety import lesion_mask, sample_lesions, sample_variation, venous_hu
 from ssl3d.utils import BadInputError, write_json
 
 logger = logging.getLogger(__name__)
@@ -103,11 +104,11 @@ def _segment_dist2(a: np.ndarray, b: np.ndarray, z: np.ndarray, p0: tuple[float,
 PHASES = ("native", "portal-venous")
 
 
-def _sample_hu(rng: np.random.Generator, phase: str = "native") -> dict[str, float]:
+def _sample_hu(rng: np.random.Generator, phase: str, var: dict[str, Any]) -> dict[str, float]:
     """Per-case tissue values (HU) within published ranges; vessels and renal cortex contrast-enhanced.
 
     ``portal-venous`` (most public abdominal CT, e.g. BTCV): enhancing parenchyma, liver 100-120, spleen
-    110-130, renal cortex 150-200, aorta 150-250.
+    110-130, renal cortex 150-200, aorta 150-250, each placed in its range by the case's contrast timing and dose.
     """
     u = rng.uniform
     hu = {"fat": u(-110, -85), "muscle": u(40, 60), "liver": u(55, 65), "spleen": u(45, 50),
@@ -115,8 +116,7 @@ def _sample_hu(rng: np.random.Generator, phase: str = "native") -> dict[str, flo
           "cortical": u(700, 1000), "cancellous": u(200, 300), "disc": u(70, 100), "csf": u(0, 15),
           "rib": u(350, 650), "bowel": u(20, 45), "fluid": u(0, 20), "gas": u(-900, -750)}
     # drawn in both phases so that a seed's anatomy, noise and geometry do not depend on the phase
-    venous = {"liver": u(100, 120), "spleen": u(110, 130), "kidney_cortex": u(150, 200), "kidney_medulla": u(90, 130),
-              "aorta": u(150, 250), "ivc": u(120, 180), "bowel": u(30, 60)}
+    venous = venous_hu(rng, var["contrast_timing"], var["contrast_dose"])
     if phase == "portal-venous":
         hu.update(venous)
     elif phase != "native":
@@ -125,18 +125,20 @@ def _sample_hu(rng: np.random.Generator, phase: str = "native") -> dict[str, flo
 
 
 def _render(rng: np.random.Generator, za: np.ndarray, ba: np.ndarray, aa: np.ndarray, body: dict[str, float],
-            vox: tuple[float, float, float], phase: str = "native",
+            vox: tuple[float, float, float], var: dict[str, Any], phase: str = "native",
             liver_hu_shift: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Paint the anatomy on the grid spanned by reference-mm axes (z, b, a); later structures win."""
     u = rng.uniform
-    hu_of = _sample_hu(rng, phase)
+    hu_of = _sample_hu(rng, phase, var)
+    normal_liver = hu_of["liver"]
     hu_of["liver"] += liver_hu_shift  # e.g. steatosis (negative); no draw, so the anatomy stays the seed's
+    resp = var["respiratory_shift_mm"]  # breath-hold level moves the upper-abdominal organs together
     axes = (za, ba, aa)
     shape = (za.size, ba.size, aa.size)
     thin = max(2.5, 1.3 * vox[1])  # thin bone must stay at least a voxel thick to survive sampling
 
     # pull-back deformation: anatomy is evaluated at displaced positions, same for image and label
-    amp, feat = u(3.0, 8.0), u(50.0, 90.0)
+    amp, feat = var["deformation_mm"], var["deformation_scale_mm"]
     a = aa[None, None, :] + amp * _smooth_field(rng, axes, feat)
     b = ba[None, :, None] + amp * _smooth_field(rng, axes, feat)
     z = za[:, None, None] + 0.5 * amp * _smooth_field(rng, axes, feat)
@@ -164,7 +166,8 @@ def _render(rng: np.random.Generator, za: np.ndarray, ba: np.ndarray, aa: np.nda
     half_w = body["half_w"] * (1 + body["z_amp"] * wave)
     ant, post = body["ant"] * (1 + 0.7 * body["z_amp"] * wave), body["post"]
     p = body["p"]
-    tf_lat, tf_ant, tf_post, tm = u(5, 20), u(5, 22), u(5, 15), u(7, 14)
+    tf_lat, tf_ant, tf_post = var["fat_lateral_mm"], var["fat_anterior_mm"], var["fat_posterior_mm"]
+    tm = u(7, 14)
     body_mask = _superellipse(a, b, half_w, ant, post, p) < 1
     paint(body_mask, hu_of["fat"])
     muscle_in = _superellipse(a, b, half_w - tf_lat, ant - tf_ant, post - tf_post, p) < 1
@@ -192,14 +195,20 @@ def _render(rng: np.random.Generator, za: np.ndarray, ba: np.ndarray, aa: np.nda
     paint(gas, hu_of["gas"])
 
     # stomach with an air-fluid level (supine: gas anterior), liver, gallbladder, spleen
-    st_c, st_s = (45 + jitter(), -40 + jitter(), 70 + jitter()), (35 * grow(), 30 * grow(), 45 * grow())
+    st_c, st_s = (45 + jitter(), -40 + jitter(), 70 + resp + jitter()), (35 * grow(), 30 * grow(), 45 * grow())
     stomach = cav & (_ellipsoid(a, b, z, st_c, st_s, u(-0.4, 0.4)) < 1)
     paint(stomach, hu_of["fluid"])
     paint(stomach & (b < st_c[1] - u(0.3, 0.7) * st_s[1]), hu_of["gas"])
-    liver = organ((-55, -5, 75), (72, 75, 80), u(-0.2, 0.2)) | organ((5, -45, 60), (45, 28, 45), u(-0.3, 0.3))
+    liver = organ((-55, -5, 75 + resp), (72, 75, 80), u(-0.2, 0.2)) | organ((5, -45, 60 + resp), (45, 28, 45),
+                                                                           u(-0.3, 0.3))
     paint(cav & liver, hu_of["liver"], LABELS["liver"])
-    paint(cav & organ((-35, -45, 112), (13, 13, 28), u(-1, 1), sd=4), hu_of["fluid"])  # gallbladder
-    spleen = cav & organ((85, 40, 75), (22, 50, 50), u(-0.9, -0.5))
+    # focal lesions (cysts, solid hypodense) stay inside the liver and keep its label, as in liver masks that
+    # include tumours; drawn whatever the phase or shift, so the rest of the case does not change with them
+    lesions = sample_lesions(rng, int((cav & liver).sum()), normal_liver)
+    for mask, value in lesion_mask(a, b, z, cav & liver, lesions):
+        paint(mask, value, LABELS["liver"])
+    paint(cav & organ((-35, -45, 112 + resp), (13, 13, 28), u(-1, 1), sd=4), hu_of["fluid"])  # gallbladder
+    spleen = cav & organ((85, 40, 75 + resp), (22, 50, 50), u(-0.9, -0.5))
     paint(spleen, hu_of["spleen"], LABELS["spleen"])
 
     # spine geometry first: kidneys, vessels and muscles are placed relative to it
@@ -212,7 +221,7 @@ def _render(rng: np.random.Generator, za: np.ndarray, ba: np.ndarray, aa: np.nda
     # kidneys: contrast-enhanced cortex, medulla, fat-filled sinus at the medial hilum
     hilums: dict[str, tuple[float, float, float]] = {}
     for side, name, zc in ((1, "kidney_left", 135.0), (-1, "kidney_right", 150.0)):
-        zc += jitter(6)
+        zc += 0.6 * resp + jitter(6)  # kidneys move less with breathing than liver and spleen
         centre = (side * (rva + u(40, 50)), spine_b + jitter(4), zc)
         semi = (27 * grow(), 22 * grow(), 55 * grow())
         ang = side * u(0.4, 0.8)  # hilum faces anteromedially
@@ -276,12 +285,20 @@ def _render(rng: np.random.Generator, za: np.ndarray, ba: np.ndarray, aa: np.nda
     air, gas = ~body_mask, body_mask & (hu < -500)
     hu[air], hu[gas] = hu_of["fat"], hu_of["fluid"]
     hu += u(3, 7) * _smooth_field(rng, axes, u(8, 15))
-    hu = ndimage.gaussian_filter(hu, sigma=(u(0.3, 0.6), u(0.4, 0.8), u(0.4, 0.8)))
+    # slice sensitivity profile: a Gaussian of FWHM = reconstructed thickness (ratio x spacing) along z
+    hu = ndimage.gaussian_filter(hu, sigma=(var["slice_profile_ratio"] / 2.355, u(0.4, 0.8), u(0.4, 0.8)))
     hu[air], hu[gas] = -1000.0, hu_of["gas"]
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=(0, 0.5, 0.5))
-    sigma = u(10, 25)
-    hu += (sigma / max(float(noise.std()), 1e-6)) * noise
+    # noise texture: the kernel sets the grain; iterative reconstruction adds low-frequency blotches
+    grain = var["noise_grain_vox"]
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=(0.3 * grain, grain, grain))
+    noise /= max(float(noise.std()), 1e-6)
+    blotch = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=(1.0, 2.5, 2.5))
+    blotch /= max(float(blotch.std()), 1e-6)
+    f = var["noise_lowfreq"]
+    sigma = var["noise_sigma_hu"]
+    hu += sigma * (np.sqrt(1 - f) * noise + np.sqrt(f) * blotch)
     hu_of["noise_sigma"] = sigma
+    var["lesions"] = lesions
     image = np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
     return image, lab, hu_of
 
@@ -327,14 +344,16 @@ def make_phantom(rng: np.random.Generator, size: str = "small", phase: str = "na
     n_ap = int(rng.integers(max(lo, int(0.75 * n_lr)), n_lr + 1))
     n_z = int(rng.integers(zlo, zhi + 1))
 
-    body = {"half_w": u(135, 170), "ant": u(95, 125), "post": u(85, 105), "p": u(2.0, 2.7),
-            "z_amp": u(0.02, 0.07), "z_period": u(150, 400), "z_phase": u(0, 2 * np.pi)}
+    var = sample_variation(rng)
+    body = {"half_w": var["body_half_width_mm"], "ant": var["body_anterior_mm"], "post": var["body_posterior_mm"],
+            "p": var["body_squareness"], "z_amp": u(0.02, 0.07), "z_period": u(150, 400), "z_phase": u(0, 2 * np.pi)}
     # largest reference body that fits the field of view with a margin for the z wave and the deformation
     reach_lr = 2 * (body["half_w"] * (1 + body["z_amp"]) + 10)
     reach_ap = body["ant"] * (1 + body["z_amp"]) + body["post"] + 20
-    scale = min(1.0, 0.95 * n_lr * s_xy / reach_lr, 0.95 * n_ap * s_xy / reach_ap)
+    fill = var["fov_fill"]
+    scale = min(1.0, fill * n_lr * s_xy / reach_lr, fill * n_ap * s_xy / reach_ap)
     # z: same scale where the slab fits the modelled anatomy, else stretched to cover 160-300 mm of it
-    length = min(n_z * s_z / scale, u(160, 300), _ANATOMY_Z[1] - _ANATOMY_Z[0])
+    length = min(n_z * s_z / scale, var["z_coverage_mm"], _ANATOMY_Z[1] - _ANATOMY_Z[0])
     z_lo = max(_ANATOMY_Z[0], _ALL_ORGANS_Z[1] - length)
     z_hi = max(z_lo, min(_ALL_ORGANS_Z[0], _ANATOMY_Z[1] - length))
     z0 = u(z_lo, z_hi)
@@ -346,14 +365,14 @@ def make_phantom(rng: np.random.Generator, size: str = "small", phase: str = "na
     ba = (b_mid + (np.arange(n_ap) - 0.5 * (n_ap - 1)) * dxy).astype(np.float32)
     aa = (rng.normal(0, 4) + (np.arange(n_lr) - 0.5 * (n_lr - 1)) * dxy).astype(np.float32)
 
-    image, label, hu = _render(rng, za, ba, aa, body, (dz, dxy, dxy), phase, liver_hu_shift)
+    image, label, hu = _render(rng, za, ba, aa, body, (dz, dxy, dxy), var, phase, liver_hu_shift)
 
     spacing = (s_xy, s_xy, s_z)
     extent = np.array([n_lr, n_ap, n_z]) * np.array(spacing)
     origin = tuple(-0.5 * extent + np.array([u(-30, 30), u(-30, 30), u(-400, 100)]))
     (image, label), geometry = _reorient(rng, [image, label], spacing, origin)
     info = {"size": size, "phase": phase, "scale_inplane": scale, "scale_z": n_z * s_z / length, "z_window_mm": (z0, z0 + length),
-            "hu": hu, "swap_xy": geometry["swap_xy"], "flips_xyz": geometry["flips_xyz"]}
+            "hu": hu, "variation": var, "swap_xy": geometry["swap_xy"], "flips_xyz": geometry["flips_xyz"]}
     return Phantom(image=image, label=label, spacing=geometry["spacing"], origin=geometry["origin"],
                    direction=geometry["direction"], info=info)
 
