@@ -1,9 +1,10 @@
 """The encoder of a downstream (segmentation) network, run on its own: a list of per-stage feature maps.
 
-Downstream networks keep their pretrained encoder under one top-level module, whose state-dict keys are the
-ones :func:`ssl3d.training.export.transfer_encoder` fills: ``encoder.*`` (nnU-Net's ``ResidualEncoderUNet``,
-``HybridUNet``, ``ViTSegNet``) or ``swinViT.*`` (``SwinUNETRNet``). :class:`DownstreamEncoder` holds only that
-module under the same name, so the pretrained keys load into it unchanged and no decoder weights ride along.
+Downstream networks keep their pretrained encoder under top-level modules whose state-dict keys are the ones
+:func:`ssl3d.training.export.transfer_encoder` fills (:func:`encoder_roots`): ``encoder.*`` (nnU-Net's
+``ResidualEncoderUNet``, ``HybridUNet``), ``swinViT.*`` (``SwinUNETRNet``) or ``down_projection.*`` + ``eva.*``
+(dna's ``Primus``). :class:`DownstreamEncoder` holds only those modules under the same names, so the pretrained
+keys load into it unchanged and no decoder weights ride along.
 """
 from __future__ import annotations
 
@@ -11,6 +12,20 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ssl3d.architectures.primus import is_primus_like, primus_feature_map
+
+
+def encoder_roots(network: nn.Module) -> tuple[str, ...]:
+    """Top-level modules holding a downstream network's pretrained encoder: ``("swinViT",)``,
+    ``("down_projection", "eva")`` (Primus: patch embedding + transformer) or ``("encoder",)``."""
+    if isinstance(getattr(network, "swinViT", None), nn.Module):
+        return ("swinViT",)
+    if is_primus_like(network):
+        return ("down_projection", "eva")
+    if isinstance(getattr(network, "encoder", None), nn.Module):
+        return ("encoder",)
+    raise TypeError(f"{type(network).__name__} has no 'encoder', 'swinViT' or Primus 'eva' module")
 
 
 def avg_max_pool(features: torch.Tensor) -> torch.Tensor:
@@ -36,28 +51,29 @@ class DownstreamEncoder(nn.Module):
 
     def __init__(self, network: nn.Module):
         super().__init__()
-        swin = getattr(network, "swinViT", None)
-        if swin is not None:
-            self.swinViT = swin
+        self.roots = encoder_roots(network)
+        for name in self.roots:
+            setattr(self, name, getattr(network, name))
+        if self.roots == ("swinViT",):
             self.normalize = bool(getattr(network, "normalize", True))  # as SwinUNETR.forward calls it
-        elif isinstance(getattr(network, "encoder", None), nn.Module):
-            self.encoder = network.encoder
-            if hasattr(self.encoder, "return_skips"):  # nnU-Net encoders: every stage, not just the last
-                self.encoder.return_skips = True
-        else:
-            raise TypeError(f"{type(network).__name__} has no 'encoder' or 'swinViT' module to classify from")
+        elif self.roots == ("down_projection", "eva"):
+            self.register_tokens = getattr(network, "register_tokens", None)
+        elif hasattr(self.encoder, "return_skips"):  # nnU-Net encoders: every stage, not just the last
+            self.encoder.return_skips = True
         self.source = type(network).__name__
 
     @property
     def root(self) -> str:
-        """The top-level name of the pretrained keys (``encoder`` or ``swinViT``)."""
-        return "swinViT" if hasattr(self, "swinViT") else "encoder"
+        """The first top-level name of the pretrained keys (``encoder``, ``swinViT`` or ``down_projection``)."""
+        return self.roots[0]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.root == "swinViT":
             from ssl3d.architectures.swin import swin_features
 
             return swin_features(self.swinViT, x, normalize=self.normalize)
+        if self.root == "down_projection":  # one map: the token grid, as Primus's forward before up_projection
+            return [primus_feature_map(self, x)]
         return stage_maps(self.encoder(x), self.source)
 
     @torch.no_grad()

@@ -1,17 +1,33 @@
 """Networks from a plans ``architecture`` entry, built by nnU-Net's own function (what stock nnU-Net builds)."""
 from __future__ import annotations
 
+import inspect
+import pydoc
+
 from torch import nn
 
 
+def takes_deep_supervision(network_class_name: str) -> bool:
+    """Whether the class accepts ``deep_supervision`` (nnU-Net's U-Nets do; dna's ``Primus`` has a single output
+    and no such argument, so nnU-Net's builder, which always passes it from a trainer, would fail)."""
+    cls = pydoc.locate(network_class_name)
+    if cls is None:
+        return True  # nnU-Net's builder searches dna itself and reports what it cannot find
+    params = inspect.signature(cls.__init__).parameters
+    return "deep_supervision" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def build_network_from_plans(architecture: dict, in_channels: int, num_classes: int,
-                             deep_supervision: bool = True) -> nn.Module:
-    """``architecture``: ``{"network_class_name", "arch_kwargs", "_kw_requires_import"}`` as in nnU-Net plans."""
+                             deep_supervision: bool | None = True) -> nn.Module:
+    """``architecture``: ``{"network_class_name", "arch_kwargs", "_kw_requires_import"}`` as in nnU-Net plans.
+    ``deep_supervision`` is passed only to classes that take it (None: never)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    return get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
-                                  architecture.get("_kw_requires_import", []), in_channels, num_classes,
-                                  deep_supervision=deep_supervision)
+    name = architecture["network_class_name"]
+    if deep_supervision is not None and not takes_deep_supervision(name):
+        deep_supervision = None
+    return get_network_from_plans(name, architecture["arch_kwargs"], architecture.get("_kw_requires_import", []),
+                                  in_channels, num_classes, deep_supervision=deep_supervision)
 
 
 def scaled_architecture(architecture: dict, size: str) -> dict:

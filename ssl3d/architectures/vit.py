@@ -1,8 +1,9 @@
-"""3D Vision Transformer pieces shared by MAE (patches of the image) and HySparK (tokens at the CNN junction).
+"""The plain 3D transformer of HySparK/MiM (tokens at the CNN junction) and patch/token helpers shared by the methods.
 
 Transformer blocks are PyTorch's own pre-norm ``nn.TransformerEncoderLayer`` (fused attention kernels on GPU);
 positions are fixed 3D sin-cos embeddings computed for whatever token grid the input has, so one network
-works on any patch size that is a multiple of its patch.
+works on any patch size that is a multiple of its junction stride. (``mae`` pretrains dna's Primus instead:
+``ssl3d.architectures.primus``; its fixed position grid suits a patch-embedding ViT, not a CNN junction.)
 """
 from __future__ import annotations
 
@@ -101,50 +102,6 @@ def init_vit_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class PatchEmbed3d(nn.Module):
-    """Non-overlapping patch embedding (a strided conv, as ViT)."""
-
-    def __init__(self, in_channels: int, dim: int, patch: Sequence[int]):
-        super().__init__()
-        self.patch = tuple(int(p) for p in patch)
-        self.proj = nn.Conv3d(in_channels, dim, kernel_size=self.patch, stride=self.patch)
-        w = self.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        for s, p in zip(x.shape[2:], self.patch):
-            if s % p:
-                raise ValueError(f"input size {tuple(x.shape[2:])} is not divisible by the patch {self.patch}")
-        y = self.proj(x)
-        grid = tuple(y.shape[2:])
-        return y.flatten(2).transpose(1, 2), grid  # (B, N, dim)
-
-
-class ViTEncoder(nn.Module):
-    """Patch embedding + sin-cos positions + transformer; with a mask only the visible patches are encoded."""
-
-    def __init__(self, in_channels: int, dim: int, depth: int, patch: Sequence[int]):
-        super().__init__()
-        self.patch_embed = PatchEmbed3d(in_channels, dim, patch)
-        self.blocks = TransformerStack(dim, depth, num_heads_for(dim))
-        self.blocks.apply(init_vit_weights)
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None):
-        """No mask: feature map ``(B, dim, *grid)``. With ``visible (B, *grid)``: ``(feats (B, M, dim), vis, grid)``
-        where ``vis`` are the per-sample visible-token indices (exact counts, padded)."""
-        from ssl3d.sparse.masks import visible_token_indices
-
-        tokens, grid = self.patch_embed(x)
-        tokens = tokens + sincos_position_embedding(grid, tokens.shape[-1], tokens.device).to(tokens.dtype)
-        if visible is None:
-            return self.blocks(tokens).transpose(1, 2).reshape(x.shape[0], self.dim, *grid)
-        if tuple(visible.shape[1:]) != grid:
-            raise ValueError(f"mask grid {tuple(visible.shape[1:])} does not match the token grid {grid}")
-        vis = visible_token_indices(visible)
-        return self.blocks(gather_tokens(tokens, vis.index), vis.padding), vis, grid
-
-
 def num_heads_for(dim: int, head_dim: int = 64) -> int:
     """Heads so that each has about ``head_dim`` channels and divides ``dim``."""
     h = max(1, round(dim / head_dim))
@@ -153,9 +110,5 @@ def num_heads_for(dim: int, head_dim: int = 64) -> int:
     return h
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 __all__ = ["sincos_position_embedding", "TransformerStack", "gather_tokens", "scatter_tokens", "patchify",
-           "unpatchify", "init_vit_weights", "PatchEmbed3d", "num_heads_for", "count_parameters"]
+           "unpatchify", "init_vit_weights", "num_heads_for"]

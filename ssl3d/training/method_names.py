@@ -10,7 +10,7 @@ import sys
 METHOD_DESCRIPTIONS = {
     "byol": "BYOL: online predictor regresses an EMA target's projection of the other view (2 - 2 cos)",
     "hyspark": "HySparK: sparse MedNeXt CNN + ViT on visible tokens, bottom-up masks, skip concat",
-    "mae": "3D ViT masked autoencoder on visible patches, light transformer decoder",
+    "mae": "MAE pretraining of the official Primus (dna EVA ViT) on visible patches, light EVA decoder",
     "mim": "MiM: multi-level mask-in-mask reconstruction + cross-level InfoNCE on the HySparK backbone",
     "mocov2": "MoCo v2: momentum key encoder (0.999), queue of negatives (65536), InfoNCE at 0.07",
     "simclr": "SimCLR: two overlapping augmented crops, ResEnc encoder, NT-Xent over the global batch",

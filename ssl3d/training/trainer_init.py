@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from ssl3d.utils import unwrap_network
 
 
 class TrainerInitMixin:
@@ -11,6 +14,9 @@ class TrainerInitMixin:
       CLIs construct trainers directly, so a missing key means a fresh run.
     * Under DDP nnU-Net moves the trainer to ``cuda:<local_rank>`` (NCCL); with gloo on CPU it stays on the CPU
       and runs without a gradient scaler.
+    * Networks without deep supervision (dna's ``Primus``: one output, no ``deep_supervision`` argument, no
+      ``decoder``): nnU-Net's builder would pass the argument and its switch would set ``decoder.deep_supervision``;
+      both are skipped for such classes (trainers that build their own networks override these again).
     """
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
@@ -21,3 +27,17 @@ class TrainerInitMixin:
         if self.is_ddp and device.type == "cpu":
             self.device = device
             self.grad_scaler = None
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        from ssl3d.architectures.from_plans import build_network_from_plans
+
+        arch = {"network_class_name": configuration_manager.network_arch_class_name,
+                "arch_kwargs": configuration_manager.network_arch_init_kwargs,
+                "_kw_requires_import": configuration_manager.network_arch_init_kwargs_req_import}
+        return build_network_from_plans(arch, num_input_channels, num_output_channels, enable_deep_supervision)
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        if hasattr(getattr(unwrap_network(self.network), "decoder", None), "deep_supervision"):
+            super().set_deep_supervision_enabled(enabled)  # type: ignore[misc]

@@ -1,54 +1,75 @@
-"""``mae``: masked autoencoder with a 3D ViT that sees only the visible patches (He et al.; Primus-like sizes).
+"""``mae``: masked autoencoder pretraining of the official Primus (dna's ``Primus``: EVA blocks, RoPE, layer scale).
 
-Patch = the plans' ``mae_patch_size`` (16³ for isotropic data, e.g. 4×16×16 for 5 mm slices), so the mask
-cell is one patch. Light transformer decoder; loss = MSE on per-patch normalized voxels of masked patches.
+The encoder *is* ``Primus(...).down_projection`` and ``.eva``, built by nnU-Net's own ``get_network_from_plans``
+from :meth:`MAE3d.downstream_architecture`, so the pretrained keys are the downstream Primus's keys. The encoder
+runs on the visible patches only (explicit per-sample masks, :func:`ssl3d.architectures.primus.encode_visible`);
+a light decoder (2 EVA blocks at the encoder width, as nnssl's Primus-M MAE) sees visible features + mask
+tokens; loss = MSE on per-patch normalized voxels of the masked patches.
+
+Patch embedding: dna/nnssl/nnU-Net use 8³ for 3D. The plans' ``mae_patch_size`` (the CNN's total stride after
+min(4, #downsamplings), which nnU-Net's spacing rules keep anisotropic where the data are: 16³ isotropic,
+e.g. 4×16×16 or 2×16×16 for thick slices) halved per axis gives exactly 8³ for isotropic data and a patch of
+about the same physical extent per axis otherwise (2×8×8 at 4:1 spacing) instead of an 8³ token 4× deeper
+than wide. The ``tiny`` CPU preset keeps the planned size unhalved (few tokens).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ssl3d.architectures.vit import (TransformerStack, ViTEncoder, init_vit_weights, num_heads_for, patchify,
-                                     scatter_tokens, sincos_position_embedding, unpatchify)
+from ssl3d.architectures.from_plans import build_network_from_plans
+from ssl3d.architectures.primus import (PRIMUS_SIZES, encode_visible, primus_architecture, primus_feature_map,
+                                        run_eva)
+from ssl3d.architectures.vit import patchify, scatter_tokens, unpatchify
 from ssl3d.sparse import upsample_mask
 from ssl3d.training.losses import denormalize_prediction, masked_patch_mse
 from ssl3d.training.methods.base import SSLMethod
 from ssl3d.training.methods.registry import register_method
 
-# (embed dim, depth, decoder dim, decoder depth, token patch divisor). M is Primus-M: embed 864, depth 16, 8³
-# tokens (the planned 16³ MAE patch halved per axis, so 4×16×16 becomes 2×8×8), 2 decoder blocks.
-PRESETS = {"tiny": (48, 2, 32, 1, 1), "S": (384, 12, 256, 4, 1), "B": (768, 12, 384, 4, 1),
-           "M": (864, 16, 384, 2, 2)}
+# size: (embed dim, depth, heads, patch divisor); S/B/M/L = dna's PrimusS/B/M/L. Decoder: 2 blocks, same width.
+PRESETS = {"tiny": (48, 2, 2, 1), **{k: (*v, 2) for k, v in PRIMUS_SIZES.items()}}
+DECODER_DEPTH = {"tiny": 1}
 
 
 class MAE3d(SSLMethod):
     name = "mae"
 
-    def __init__(self, in_channels: int, patch_size: Sequence[int], token_patch: Sequence[int], dim: int = 384,
-                 depth: int = 12, decoder_dim: int = 256, decoder_depth: int = 4):
-        super().__init__(patch_size, token_patch)
-        self.in_channels = in_channels
-        self.arch = {"dim": dim, "depth": depth, "decoder_dim": decoder_dim, "decoder_depth": decoder_depth}
-        self.encoder = ViTEncoder(in_channels, dim, depth, token_patch)
-        self.decoder_embed = nn.Linear(dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
-        self.decoder = TransformerStack(decoder_dim, decoder_depth, num_heads_for(decoder_dim, 32))
-        self.head = nn.Linear(decoder_dim, int(torch.tensor(token_patch).prod()) * in_channels)
-        self.apply(init_vit_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
+    def __init__(self, in_channels: int, patch_size: Sequence[int], patch_embed_size: Sequence[int],
+                 embed_dim: int = 396, depth: int = 12, heads: int = 6, decoder_depth: int = 2, **primus_kwargs):
+        super().__init__(patch_size, patch_embed_size)
+        from dynamic_network_architectures.building_blocks.eva import Eva
 
-    def encode(self, x: torch.Tensor, visible: torch.Tensor):
-        """Encoder features of the visible patches only: ``(B, M, dim)``, plus the index structure and grid."""
-        return self.encoder(x, visible)
+        self.in_channels = in_channels
+        self.architecture = primus_architecture(embed_dim, depth, heads, self.cell_size, self.patch_size,
+                                                **primus_kwargs)
+        primus = build_network_from_plans(self.architecture, in_channels, in_channels, deep_supervision=None)
+        self.down_projection, self.eva = primus.down_projection, primus.eva  # Primus's own modules and names
+        grid = self.mask_grid()
+        kw = self.architecture["arch_kwargs"]
+        self.decoder = Eva(embed_dim=embed_dim, depth=decoder_depth, num_heads=heads, ref_feat_shape=grid,
+                           init_values=kw["init_values"], scale_attn_inner=kw["scale_attn_inner"])
+        self.mask_token = nn.Parameter(torch.zeros(embed_dim))
+        self.head = nn.Linear(embed_dim, math.prod(self.cell_size) * in_channels)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.arch = {"embed_dim": embed_dim, "depth": depth, "heads": heads, "decoder_depth": decoder_depth}
+
+    def encode(self, x: torch.Tensor, visible: torch.Tensor | None):
+        """No mask: the dense map ``(B, dim, *grid)`` (Primus's forward before its decoder). With ``visible
+        (B, *grid)``: ``(features (B, M, dim) of the visible patches only, their indices, grid)``."""
+        if visible is None:
+            return primus_feature_map(self, x)
+        feats, vis = encode_visible(self, x, visible)
+        return feats, vis, tuple(visible.shape[1:])
 
     def _predict(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         feats, vis, grid = self.encode(x, visible)
-        n = grid[0] * grid[1] * grid[2]
-        dec = scatter_tokens(self.decoder_embed(feats), vis.index, vis.padding, n, self.mask_token)
-        dec = dec + sincos_position_embedding(grid, dec.shape[-1], dec.device).to(dec.dtype)
-        return self.head(self.decoder(dec))  # (B, N, P*C)
+        full = scatter_tokens(feats, vis.index, vis.padding, math.prod(grid), self.mask_token)
+        return self.head(run_eva(self.decoder, full))  # (B, N, P*C)
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return masked_patch_mse(self._predict(x, visible), patchify(x, self.cell_size), visible)
@@ -62,27 +83,31 @@ class MAE3d(SSLMethod):
         return torch.where(keep, x, image.to(x.dtype))
 
     def checkpoint_stages(self) -> list[nn.Module]:
-        return [*self.encoder.blocks.blocks, *self.decoder.blocks]
+        return [*self.eva.blocks, *self.decoder.blocks]
 
     def downstream_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"encoder.{k}": v.detach().cpu() for k, v in self.encoder.state_dict().items()}
+        """Every ``down_projection.*`` and ``eva.*`` tensor, under Primus's names (the rest of Primus, its
+        ``up_projection`` head and ``mask_token`` buffer, is not pretrained)."""
+        return {k: v.detach().cpu() for k, v in self.state_dict().items()
+                if k.startswith(("down_projection.", "eva."))}
 
     def downstream_architecture(self) -> dict:
-        return {"network_class_name": "ssl3d.architectures.vit_unet.ViTSegNet", "_kw_requires_import": [],
-                "arch_kwargs": {"patch_size": list(self.cell_size), "dim": self.arch["dim"],
-                                "depth": self.arch["depth"]}}
+        return self.architecture
 
     def config(self) -> dict:
-        return {**super().config(), **self.arch}
+        return {**super().config(), **self.arch, "patch_embed_size": list(self.cell_size)}
 
 
-@register_method("mae", "3D ViT masked autoencoder on visible patches, light transformer decoder",
-                 trainer_name="MAEPretrainer", downstream="ssl3d.architectures.vit_unet.ViTSegNet", transformer=True,
-                 single_output=True, checkpointing=True, tiny={"size": "tiny"})
-def build_mae(plans: dict, configuration: dict, num_input_channels: int, size: str = "S", **overrides) -> MAE3d:
+@register_method("mae", "MAE pretraining of the official Primus (dna EVA ViT) on visible patches, light EVA decoder",
+                 trainer_name="MAEPretrainer", downstream="dynamic_network_architectures.architectures.primus.Primus",
+                 transformer=True, single_output=True, checkpointing=True, tiny={"size": "tiny"})
+def build_mae(plans: dict, configuration: dict, num_input_channels: int, size: str = "S",
+              patch_embed_size: Sequence[int] | None = None, **overrides) -> MAE3d:
+    """``size``: tiny (CPU tests) or dna's Primus S/B/M/L; ``patch_embed_size`` overrides the planned patch."""
     if size not in PRESETS:
         raise ValueError(f"unknown MAE size '{size}' ({', '.join(PRESETS)})")
-    dim, depth, ddim, ddepth, divisor = PRESETS[size]
-    kw = {"dim": dim, "depth": depth, "decoder_dim": ddim, "decoder_depth": ddepth, **overrides}
-    token_patch = [max(1, int(p) // divisor) for p in configuration["ssl3d"]["mae_patch_size"]]
-    return MAE3d(num_input_channels, configuration["patch_size"], token_patch, **kw)
+    dim, depth, heads, divisor = PRESETS[size]
+    if patch_embed_size is None:
+        patch_embed_size = [max(1, int(p) // divisor) for p in configuration["ssl3d"]["mae_patch_size"]]
+    kw = {"embed_dim": dim, "depth": depth, "heads": heads, "decoder_depth": DECODER_DEPTH.get(size, 2), **overrides}
+    return MAE3d(num_input_channels, configuration["patch_size"], patch_embed_size, **kw)
