@@ -13,11 +13,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ssl_plan_and_preprocess",
         description="Fingerprint, plan and preprocess unlabeled 3D scans (nnU-Net raw datasets and/or plain "
-                    "folders of NIfTI/NRRD/MHA/DICOM) into one pretraining pool under $nnUNet_preprocessed.")
+                    "folders of NIfTI/NRRD/MHA/DICOM, nnssl pretrain_data.json manifests) into one pretraining pool under $nnUNet_preprocessed.")
     p.add_argument("-d", nargs="+", default=[], metavar="DATASET",
                    help="nnU-Net raw dataset ids or names under $nnUNet_raw (labels are ignored)")
     p.add_argument("-i", nargs="+", default=[], metavar="PATH",
                    help="folders searched recursively for .nii/.nii.gz/.nrrd/.mha/.mhd files and DICOM series")
+    p.add_argument("--manifest", nargs="+", default=[], metavar="JSON",
+                   help="nnssl pretrain_data.json manifests (one collection each; $VAR paths from the environment, "
+                        "relative ones from the manifest's folder; anatomy masks become the body mask)")
     p.add_argument("-o", default=None, metavar="FOLDER", help="output root instead of $nnUNet_preprocessed")
     p.add_argument("-od", default=None, metavar="DATASET",
                    help="output dataset, e.g. 950 or Dataset950_MyPool (default: the single -d input's name, "
@@ -44,15 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if not args.d and not args.i:
-        raise SystemExit("ssl_plan_and_preprocess: error: give at least one input with -d and/or -i")
+    if not args.d and not args.i and not args.manifest:
+        raise SystemExit("ssl_plan_and_preprocess: error: give at least one input with -d, -i and/or --manifest")
     V.check_window(args.ct_window)  # before anything is planned or written
     if args.o is None:
         V.require_env("nnUNet_preprocessed")
     V.check_writable(args.o or V.env_dir("nnUNet_preprocessed"))
     from ssl3d.preprocessing.pipeline import PlanOptions, plan_and_preprocess
 
-    options = PlanOptions(datasets=args.d, folders=args.i, output_root=args.o, output_dataset=args.od,
+    options = PlanOptions(datasets=args.d, folders=args.i, manifests=args.manifest, output_root=args.o, output_dataset=args.od,
                           num_processes=max(1, args.np), spacing=args.spacing, patch_size=args.patch_size,
                           patch_voxels=args.patch_voxels, mask_cell_size=args.mask_cell_size,
                           mask_ratio=args.mask_ratio, ct_window=args.ct_window, modality=args.modality,

@@ -193,15 +193,17 @@ def check_unique_ids(cases: Sequence[CaseSource]) -> list[tuple[CaseSource, BadI
     return dupes
 
 
-def discover_inputs(datasets: Sequence[str] = (), folders: Sequence[str] = ()) -> tuple[list[CaseSource], dict]:
+def discover_inputs(datasets: Sequence[str] = (), folders: Sequence[str] = (),
+                    manifests: Sequence[str] = ()) -> tuple[list[CaseSource], dict]:
     """All cases of all inputs, merged into one pool, and the channel names of the pool.
 
     With more than one input, case ids get a prefix of their input's name so that pools merged from
-    datasets with the same naming scheme do not collide.
+    datasets with the same naming scheme do not collide (nnssl manifest ids already start with their
+    collection's name).
     """
-    n_inputs = len(datasets) + len(folders)
+    n_inputs = len(datasets) + len(folders) + len(manifests)
     if n_inputs == 0:
-        raise BadInputError(None, "no input: pass -d DATASET [...] and/or -i FOLDER [...]")
+        raise BadInputError(None, "no input: pass -d DATASET [...], -i FOLDER [...] and/or --manifest JSON [...]")
     cases: list[CaseSource] = []
     channel_names: dict | None = None
     for d in datasets:
@@ -221,6 +223,15 @@ def discover_inputs(datasets: Sequence[str] = (), folders: Sequence[str] = ()) -
             raise BadInputError(f, f"plain folders hold single-channel images but other inputs have "
                                    f"{len(channel_names)} channels")
         cases += c
+    if manifests:
+        from ssl3d.data.nnssl_manifest import manifest_channel_name, read_manifest
+
+        listed = [c for m in manifests for c in read_manifest(m)[0]]
+        if channel_names is not None and len(channel_names) != 1:
+            raise BadInputError(manifests[0], f"nnssl manifests list single-channel images but other inputs have "
+                                              f"{len(channel_names)} channels")
+        channel_names = channel_names or {"0": manifest_channel_name(listed)}
+        cases += listed
     if channel_names is None:
         channel_names = {"0": "unknown"}
     return cases, channel_names

@@ -25,6 +25,7 @@ DEFAULT_POOL = "Dataset900_SSLPool"
 class PlanOptions:
     datasets: Sequence[str] = ()
     folders: Sequence[str] = ()
+    manifests: Sequence[str] = ()  # nnssl pretrain_data.json files
     output_root: str | None = None
     output_dataset: str | None = None
     num_processes: int = 4
@@ -59,7 +60,7 @@ def resolve_output(options: PlanOptions) -> Path:
         raise BadInputError(None, "no output location: set nnUNet_preprocessed or pass -o FOLDER")
     name = options.output_dataset
     if name is None:
-        if len(options.datasets) == 1 and not options.folders:
+        if len(options.datasets) == 1 and not options.folders and not options.manifests:
             from ssl3d.data.readers import find_raw_dataset
 
             name = find_raw_dataset(str(options.datasets[0])).name
@@ -95,7 +96,7 @@ def _source_signature(cases: Sequence[CaseSource]) -> dict:
 def plan_and_preprocess(options: PlanOptions) -> PoolResult:
     """Run the whole stage; raises BadInputError/BadInputs (CLI: exit 2) before writing anything on bad input."""
     out = resolve_output(options)
-    cases, channel_names = discover_inputs(options.datasets, options.folders)
+    cases, channel_names = discover_inputs(options.datasets, options.folders, options.manifests)
     bad: dict[str, str] = {}
     for case, err in check_unique_ids(cases):
         bad[f"{case.case_id}@{case.first_file}"] = err.line()
@@ -139,7 +140,8 @@ def plan_and_preprocess(options: PlanOptions) -> PoolResult:
         "description": "ssl3d pretraining pool; the seg arrays hold a body mask, not annotations",
     })
     manifest = {
-        "dataset": out.name, "inputs": {"datasets": list(options.datasets), "folders": [str(f) for f in options.folders]},
+        "dataset": out.name, "inputs": {"datasets": list(options.datasets), "folders": [str(f) for f in options.folders],
+                                       "manifests": [str(m) for m in options.manifests]},
         "cases": [c.to_manifest() for c in cases], "skipped": bad, "modality_override": options.modality,
         "source_signature": signature,
     }

@@ -19,16 +19,18 @@ from typing import Sequence
 
 import blosc2
 import numpy as np
+import SimpleITK as sitk
 from tqdm import tqdm
 
+from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
 from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape
 from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
-from ssl3d.data.readers import CaseSource, read_case
+from ssl3d.data.readers import CANONICAL_ORIENTATION, CaseSource, geometry_problems, read_case, read_image
 from ssl3d.planning.fingerprint import foreground_mask
 from ssl3d.preprocessing.normalization import normalize_channels
-from ssl3d.utils import guarded_case, map_cases, write_pickle
+from ssl3d.utils import BadInputError, guarded_case, map_cases, write_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +49,12 @@ def plans_hash(plans: dict, configuration: str) -> str:
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def preprocess_array(data: np.ndarray, props: dict, plans: dict, configuration: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The in-memory part: transpose, crop, normalize, resample. Returns (data, seg, properties)."""
+def preprocess_array(data: np.ndarray, props: dict, plans: dict, configuration: str,
+                     body_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The in-memory part: transpose, crop, normalize, resample. Returns (data, seg, properties).
+
+    ``body_mask`` (Z, Y, X like ``data``, nonzero = anatomy; e.g. an nnssl anatomy mask) replaces the
+    intensity rule for the body mask."""
     config = plans["configurations"][configuration]
     forward = plans["transpose_forward"]
     data = data.transpose([0, *[i + 1 for i in forward]])
@@ -57,9 +63,11 @@ def preprocess_array(data: np.ndarray, props: dict, plans: dict, configuration: 
     props["shape_before_cropping"] = data.shape[1:]
     data, seg, bbox = crop_to_nonzero(data)
     props["bbox_used_for_cropping"] = bbox
+    if body_mask is not None:
+        body_mask = body_mask.transpose(forward)[bounding_box_to_slice(bbox)] != 0
     props["shape_after_cropping_and_before_resampling"] = data.shape[1:]
     modality = plans.get("ssl3d", {}).get("modalities", {}).get("0", "CT")
-    body = foreground_mask(data[0], modality)
+    body = foreground_mask(data[0], modality) if body_mask is None else body_mask
     seg = np.where(seg[0] < 0, np.int8(-1), body.astype(np.int8))[None]
     data = normalize_channels(data, seg if any(config["use_mask_for_norm"]) else None, config,
                               plans["foreground_intensity_properties_per_channel"])
@@ -72,6 +80,22 @@ def preprocess_array(data: np.ndarray, props: dict, plans: dict, configuration: 
     props["shape_after_resampling"] = tuple(int(s) for s in data.shape[1:])
     props["spacing_after_resampling"] = list(target)
     return data.astype(np.float32, copy=False), seg.astype(np.int8, copy=False), props
+
+
+def read_body_mask(case: CaseSource) -> np.ndarray | None:
+    """A case's own anatomy mask (``extra["anatomy_mask"]``, from an nnssl manifest) in the canonical
+    orientation, checked to lie on the image's grid; None when the case has none."""
+    path = case.extra.get("anatomy_mask")
+    if not path:
+        return None
+    mask = read_image(path)
+    image = sitk.ImageFileReader()  # the header is enough to compare grids
+    image.SetFileName(case.channel_files[0][0])
+    image.ReadImageInformation()
+    problems = geometry_problems(mask, image)
+    if problems:
+        raise BadInputError(path, f"anatomy mask does not lie on the grid of {case.first_file} ({'; '.join(problems)})")
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(mask, CANONICAL_ORIENTATION))
 
 
 ARRAY_SUFFIXES = (".b2nd", "_seg.b2nd")
@@ -123,7 +147,7 @@ def output_case_ids(out_dir: Path) -> set[str]:
 def preprocess_case(case: CaseSource, plans: dict, configuration: str, out_dir: Path, phash: str) -> dict:
     """Preprocess and save one case atomically; returns a short summary."""
     data, props = read_case(case)
-    data, seg, props = preprocess_array(data, props, plans, configuration)
+    data, seg, props = preprocess_array(data, props, plans, configuration, read_body_mask(case))
     # nnU-Net's dataloader reads class_locations unconditionally; body voxels let it oversample anatomy.
     props["class_locations"] = DefaultPreprocessor._sample_foreground_locations(seg, [1], seed=1234, verbose=False)
     props["ssl3d_plans_hash"] = phash
