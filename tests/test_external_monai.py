@@ -93,6 +93,18 @@ def test_zyx_axis_order_loads_unconverted(ssl_swin, tmp_path):
         assert torch.equal(src.encoder_state["swinViT." + k], v)
 
 
+def test_file_patch_size_replaces_the_recipe_patch(ssl_swin, tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({**_published_layout(ssl_swin), "patch_size": [32, 64, 224]}, path)
+    src = load_pretrained(path)
+    assert tuple(src.patch_size) == (32, 64, 224)
+    assert src.plans["configurations"]["3d_fullres"]["patch_size"] == [32, 64, 224]
+    assert src.info["inexact_stages"] == ["layers3", "layers4"]  # z: 32 / 8 = 4 tokens < window 7 from stage 3
+    torch.save({**_published_layout(ssl_swin), "patch_size": [96, 96, 100]}, path)
+    with pytest.raises(BadInputError, match="multiples of 32"):
+        load_pretrained(path)
+
+
 def test_conv_kernel_permutation_matches_transposed_input():
     torch.manual_seed(1)
     x = torch.randn(2, 3, 6, 7, 8, dtype=torch.float64, requires_grad=True)

@@ -138,8 +138,8 @@ def shrunk_window_stages(patch_size, window: int) -> list[str]:
 
 
 def recipe_plans(n_channels: int, patch_size=RECIPE["patch_size"]) -> dict:
-    """nnU-Net plans of the public weights' pretraining recipe (no data fingerprint exists: the recipe's own
-    spacing and patch stand in for the medians; CT window as ``CTWindowNormalization``)."""
+    """nnU-Net plans of the public weights' pretraining recipe (spacing, CT window as ``CTWindowNormalization``,
+    patch); the data medians stay None until the labeled dataset's fingerprint fills them."""
     names = {str(c): "CT" for c in range(n_channels)}
     lo, hi = RECIPE["ct_window"]
     fingerprint = {"spacings": [list(RECIPE["spacing_zyx"])], "shapes_after_crop": [list(patch_size)],
@@ -149,10 +149,25 @@ def recipe_plans(n_channels: int, patch_size=RECIPE["patch_size"]) -> dict:
                            "min": lo, "max": hi, "median": (lo + hi) / 2} for c in names}}
     plans = build_plans(fingerprint, "Dataset000_MONAISwinUNETRSSL", spacing=RECIPE["spacing_zyx"],
                         patch_size=patch_size, ct_window=RECIPE["ct_window"])
-    plans["configurations"][CONFIGURATION]["patch_size"] = [int(p) for p in patch_size]
+    cfg = plans["configurations"][CONFIGURATION]
+    cfg["patch_size"] = [int(p) for p in patch_size]
+    # no data medians exist: left open for the labeled dataset's fingerprint (source.complete_plans)
+    cfg["median_image_size_in_voxels"] = None
+    plans["original_median_shape_after_transp"] = None
     plans["ssl3d"]["source"] = ("MONAI SwinUNETR SSL recipe (research-contributions SwinUNETR/Pretrain): CT "
                                 "[-1000, 1000] HU -> [0, 1], 96^3 patches, 1.5 x 1.5 x 2.0 mm (x, y, z)")
     return plans
+
+
+def _patch_size(value, path: Path) -> tuple[int, int, int]:
+    """The pretraining patch: the recipe's 96^3, or the file's ``"patch_size"`` (SwinUNETR/Pretrain's --roi_*)."""
+    try:
+        patch = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        patch = ()
+    if len(patch) != 3 or any(p <= 0 or p % 32 for p in patch):
+        raise BadInputError(path, f"patch_size {value!r}: 3 positive multiples of 32 expected (SwinUNETR's 5 halvings)")
+    return patch  # type: ignore[return-value]
 
 
 def load_monai_swin(path: Path, obj: dict, axis_order: str | None = None) -> PretrainedSource:
@@ -160,6 +175,7 @@ def load_monai_swin(path: Path, obj: dict, axis_order: str | None = None) -> Pre
 
     ``axis_order``: the array order the weights were trained on (``"xyz"``: MONAI, converted to nnU-Net's
     (Z, Y, X); ``"zyx"``: loaded as they are). Default: the file's ``"axis_order"`` entry, else ``"xyz"``.
+    A ``"patch_size"`` entry (z, y, x) replaces the recipe's 96^3 for weights pretrained on another ROI.
     """
     path = Path(path)
     state = raw_state(obj)
@@ -168,6 +184,7 @@ def load_monai_swin(path: Path, obj: dict, axis_order: str | None = None) -> Pre
     order = axis_order or obj.get("axis_order") or SOURCE_AXIS_ORDER
     if order not in AXIS_ORDERS:
         raise BadInputError(path, f"axis order {order!r}: choose one of {', '.join(AXIS_ORDERS)}")
+    patch = _patch_size(obj.get("patch_size", RECIPE["patch_size"]), path)
     encoder, skipped = split_swin_keys(state)
     arch, n_channels = swin_architecture(encoder, path)
     perm = axis_permutation(order, "zyx")
@@ -175,20 +192,19 @@ def load_monai_swin(path: Path, obj: dict, axis_order: str | None = None) -> Pre
         converted = convert_swin_state(encoder, perm, (arch["window_size"],) * 3)
     except AxisOrderError as e:
         raise AxisOrderError(e.problem, path) from None
-    inexact = shrunk_window_stages(RECIPE["patch_size"], arch["window_size"]) if perm != (0, 1, 2) else []
+    inexact = shrunk_window_stages(patch, arch["window_size"]) if perm != (0, 1, 2) else []
     if inexact:
         logger.warning("%s: (X, Y, Z) -> (Z, Y, X) is exact except the attention bias of %s: at a %s patch their "
                        "maps are smaller than the %d^3 window, where MONAI indexes the bias by raster position",
-                       path, ", ".join(inexact), "x".join(map(str, RECIPE["patch_size"])), arch["window_size"])
+                       path, ", ".join(inexact), "x".join(map(str, patch)), arch["window_size"])
     if skipped:
         logger.info("%s: %d tensors outside the Swin encoder not imported (e.g. %s)", path, len(skipped), skipped[:3])
     architecture = {"network_class_name": "ssl3d.architectures.swin.SwinUNETRNet", "arch_kwargs": arch,
                     "_kw_requires_import": []}
     info = {"name": KIND, "axis_order": order, "axis_permutation": list(perm), "converted": perm != (0, 1, 2),
             "inexact_stages": inexact, "skipped_keys": skipped, "in_proj_keys": [PREFIX + "patch_embed.proj.weight"],
-            "recipe": {k: list(v) for k, v in RECIPE.items()}}
-    return PretrainedSource(KIND, path, KIND, recipe_plans(n_channels), architecture,
-                            tuple(RECIPE["patch_size"]), n_channels, {PREFIX + k: v for k, v in converted.items()},
+            "recipe": {**{k: list(v) for k, v in RECIPE.items()}, "patch_size": list(patch)}}
+    return PretrainedSource(KIND, path, KIND, recipe_plans(n_channels, patch), architecture, patch, n_channels, {PREFIX + k: v for k, v in converted.items()},
                             None, info)
 
 
