@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssl_finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", required=True, help="labeled nnU-Net raw dataset (id or name)")
-    p.add_argument("-p", required=True, help="pretraining results folder (<Trainer>__ssl3dPlans__3d_fullres)")
+    p.add_argument("-p", required=True, help="pretraining results folder (<Trainer>__ssl3dPlans__3d_fullres) or a "
+                                             "foreign checkpoint file (nnssl, MONAI SwinUNETR)")
     p.add_argument("-f", default="0", type=V.fold, help="fold (0-4 or all)")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
     p.add_argument("-np", type=V.positive_int, default=4, help="processes for nnU-Net's fingerprint and preprocessing")
@@ -57,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
-    from ssl3d.training.export import find_pretraining, load_pretrained_method, write_downstream_weights
+    from ssl3d.training.export import write_downstream_weights
+    from ssl3d.training.external import for_downstream, load_pretrained
+    from ssl3d.training.external.source import complete_plans
 
     V.require_env("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
     V.check_device(args.device)
@@ -66,9 +69,11 @@ def _run(args: argparse.Namespace) -> int:
     pre_root = env_dir("nnUNet_preprocessed")
     dataset = nnunet_dataset_name(args.d)
     dataset_id = int(dataset[7:10])
-    folder, ckpt = find_pretraining(args.p)
-    method, pplans, info = load_pretrained_method(folder, ckpt)
-    plans_name = f"ssl3d_{info['name']}Plans" + ("_scratch" if args.scratch else "")
+    source = load_pretrained(args.p)  # an ssl3d results folder or a foreign (nnssl, MONAI) checkpoint file
+    ckpt = source.checkpoint
+    if not source.architecture:
+        raise BadInputError(ckpt, f"method '{source.method_name}' has no downstream segmentation network")
+    plans_name = f"ssl3d_{source.method_name}Plans" + ("_scratch" if args.scratch else "")
     fold_dir = env_dir("nnUNet_results") / dataset / f"SSLFinetuneTrainer__{plans_name}__3d_fullres" / f"fold_{args.f}"
     if args.c and (fold_dir / "checkpoint_final.pth").is_file():
         logger.info("already finished: %s (--overwrite trains it again)", fold_dir / "checkpoint_final.pth")
@@ -78,15 +83,18 @@ def _run(args: argparse.Namespace) -> int:
         V.refuse_finished(fold_dir)
     for out in (pre_root / dataset, fold_dir):
         V.check_writable(out)
-    check_labeled_dataset(env_dir("nnUNet_raw") / dataset, encoder_channels(pplans), args.np)  # before any write
+    # before any write; a foreign encoder's input projection adapts to the dataset's channels, an ssl3d one must fit
+    _, lab_dj = check_labeled_dataset(env_dir("nnUNet_raw") / dataset,
+                                      encoder_channels(source.plans) if source.kind == "ssl3d" else None, args.np)
+    source = for_downstream(source, len(lab_dj.get("channel_names", lab_dj.get("modality"))))
     options = {k: v for k, v in {
         "num_epochs": args.epochs, "num_iterations_per_epoch": args.iters, "num_val_iterations_per_epoch":
         args.val_iters, "lr": args.lr, "warmup": args.warmup, "warmup_epochs": args.warmup_epochs,
         "encoder_lr_factor": args.encoder_lr_factor, "optimizer": args.optimizer, "n_train": args.n_train,
         "fraction": args.fraction, "seed": args.seed, "batch_size": args.batch_size,
         "final_validation": args.device == "cuda" if args.final_val is None else args.final_val,
-        "pretrained_from": str(ckpt), "method": info["name"]}.items() if v is not None}
-    plans = finetune_plans(pplans, method.downstream_architecture(), dataset, plans_name, options, method.patch_size)
+        "pretrained_from": str(ckpt), "method": source.method_name}.items() if v is not None}
+    plans = finetune_plans(source.plans, source.architecture, dataset, plans_name, options, source.patch_size)
 
     target = pre_root / dataset
     if not (target / "dataset_fingerprint.json").is_file():
@@ -95,6 +103,8 @@ def _run(args: argparse.Namespace) -> int:
                                     verbose=False)
     raw_dj = env_dir("nnUNet_raw") / dataset / "dataset.json"
     write_json(target / "dataset.json", read_json(raw_dj))
+    if plans["configurations"]["3d_fullres"].get("median_image_size_in_voxels") is None:  # foreign plans
+        plans = complete_plans(plans, read_json(target / "dataset_fingerprint.json"))
     write_json(target / f"{plans_name}.json", plans)
     data_dir = target / plans["configurations"]["3d_fullres"]["data_identifier"]
     if not data_dir.is_dir() or not any(data_dir.glob("*.pkl")):
@@ -110,8 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     elif not args.scratch:
         n_classes = len(read_json(raw_dj)["labels"])
         weights = target / f"{plans_name}__pretrained_weights.pth"
-        write_downstream_weights(method, info, folder, ckpt, weights, n_classes,
-                                 DEFAULT_SEED if args.seed is None else args.seed)
+        write_downstream_weights(source, weights, n_classes, DEFAULT_SEED if args.seed is None else args.seed)
         cmd += ["-pretrained_weights", str(weights)]
     # nnU-Net's final validation otherwise spawns 8 export workers whatever the machine has
     return run_nnunet(cmd, {"nnUNet_def_n_proc": str(args.np)}, dry_run=args.prepare_only)
@@ -124,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 def export_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ssl_export_weights",
                                 description="Write pretrained weights for nnUNetv2_train -pretrained_weights.")
-    p.add_argument("-p", required=True, help="pretraining results folder")
+    p.add_argument("-p", required=True, help="pretraining results folder (or a foreign checkpoint file)")
     p.add_argument("-o", required=True, help="output .pth file")
+    p.add_argument("--format", default="nnunet", choices=["nnunet", "nnssl"],
+                   help="nnunet: full downstream state_dict for -pretrained_weights (default); nnssl: network "
+                        "weights + nnssl_adaptation_plan for nnssl's fine-tuning (spark simclr mocov2 byol voco)")
     p.add_argument("-f", default="0", type=V.fold, help="pretraining fold (default 0)")
     p.add_argument("--num-classes", type=V.positive_int, default=2,
                    help="segmentation heads (skipped by nnU-Net's loader)")
@@ -135,7 +147,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
         V.check_writable(Path(a.o).absolute().parent, "folder of the output file")
 
-        res = export_weights(a.p, a.o, a.num_classes, a.f)
+        res = export_weights(a.p, a.o, a.num_classes, a.f, fmt=a.format)
         logger.info("downstream network: %s", res["architecture"]["network_class_name"])
         return 0
 

@@ -40,7 +40,7 @@ from ssl3d.data.readers import discover_inputs, find_raw_dataset
 from ssl3d.inference.features import embed_image, load_encoder, resolve_device
 from ssl3d.planning.plan_transfer import finetune_plans
 from ssl3d.preprocessing.preprocessor import plans_hash, run_preprocessing
-from ssl3d.training.export import find_pretraining, load_pretrained_method
+from ssl3d.training.external import for_downstream, load_pretrained
 from ssl3d.training.finetuning.classification import MODES, TRAINERS
 from ssl3d.training.finetuning.cls_metrics import (classification_metrics, fit_logistic_regression, predict_logistic,
                                                    save_confusion_png)
@@ -109,21 +109,28 @@ def prepare(opts: ClsOptions) -> dict:
     raw = find_raw_dataset(str(opts.dataset))
     cases, channel_names = discover_inputs([str(raw)])
     labels, names = read_case_labels(raw / "dataset.json", [c.case_id for c in cases], opts.labels_csv)
-    folder, ckpt = find_pretraining(opts.pretraining, opts.pretrain_fold)
-    method, pplans, info = load_pretrained_method(folder, ckpt)
-    check_encoder_channels(len(channel_names), encoder_channels(pplans), raw / "dataset.json")
+    src = load_pretrained(opts.pretraining, opts.pretrain_fold)  # ssl3d results folder or foreign checkpoint
+    if src.kind == "ssl3d":  # a foreign encoder's input projection adapts to the dataset's channels
+        check_encoder_channels(len(channel_names), encoder_channels(src.plans), raw / "dataset.json")
+    src = for_downstream(src, len(channel_names))
+    if not src.architecture:
+        raise BadInputError(src.checkpoint, f"method '{src.method_name}' has no downstream network")
+    if src.plans["configurations"][CONFIGURATION].get("spacing") is None:
+        raise BadInputError(src.checkpoint, "the pretraining plan has no spacing (nnssl 'noresample'); "
+                                            "classification needs a fixed target spacing")
+    folder, ckpt, info = src.folder, src.checkpoint, {**src.info, "name": src.method_name}
     check_images([c for c in cases if c.case_id in labels], opts.num_processes)  # before anything is written
     plans_name = f"ssl3d_{info['name']}ClsPlans"
-    plans = finetune_plans(pplans, method.downstream_architecture(), raw.name, plans_name,
+    plans = finetune_plans(src.plans, src.architecture, raw.name, plans_name,
                            {"batch_size": opts.batch_size, "method": info["name"], "pretrained_from": str(ckpt)},
-                           method.patch_size)
+                           src.patch_size)
     target = pre_root / raw.name
     write_json(target / f"{plans_name}.json", plans)
     write_json(target / "dataset.json", {"channel_names": channel_names, "labels": {"background": 0, "body": 1},
                                          "numTraining": len(labels), "file_ending": ".nii.gz", "name": raw.name,
                                          "description": "ssl3d classification; seg arrays hold a body mask",
                                          "ssl3d_case_labels": labels, "ssl3d_classes": dict(enumerate(names))})
-    fp = folder / "dataset_fingerprint.json"  # nnU-Net copies a fingerprint into its results; the pool's one
+    fp = (folder or Path("/nonexistent")) / "dataset_fingerprint.json"  # nnU-Net copies one; the pool's one
     if fp.is_file() and not (target / "dataset_fingerprint.json").is_file():
         shutil.copyfile(fp, target / "dataset_fingerprint.json")
     elif not (target / "dataset_fingerprint.json").is_file():
@@ -137,7 +144,7 @@ def prepare(opts: ClsOptions) -> dict:
     budget = label_subset(labels, train, opts.seed, opts.n_train, opts.fraction)
     tag = f"{opts.fold}" + (f"_n{len(budget)}" if len(budget) < len(train) else "") + \
         (f"_s{opts.seed}" if opts.seed != DEFAULT_SEED else "")
-    return {"raw": raw, "labels": labels, "names": names, "folder": folder, "checkpoint": ckpt, "method": method,
+    return {"raw": raw, "labels": labels, "names": names, "folder": folder, "checkpoint": ckpt, "source": src,
             "info": info, "plans": plans, "plans_name": plans_name, "preprocessed": target, "data_dir": data_dir,
             "budget": budget, "test": test, "tag": tag, "results_root": res_root}
 
@@ -148,7 +155,7 @@ def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
                                   resolve_device(opts.device))
     trainer.case_labels, trainer.class_names = p["labels"], p["names"]
     trainer.train_keys, trainer.val_keys = train, val
-    trainer.encoder_state = p["method"].downstream_state_dict() if opts.mode == "finetune" else None
+    trainer.encoder_state = p["source"].encoder_state if opts.mode == "finetune" else None
     trainer.num_epochs, trainer.num_iterations_per_epoch = opts.epochs, opts.iters
     trainer.initial_lr, trainer.seed, trainer.show_progress = opts.lr, opts.seed, opts.progress
     trainer.encoder_lr_factor, trainer.layer_decay = opts.encoder_lr_factor, opts.layer_decay
@@ -197,7 +204,8 @@ def _linear_probe(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
             emb[k] = np.load(f)
             continue
         if encoder is None:  # loaded only when a case is not cached yet
-            encoder = load_encoder(p["folder"], opts.pretrain_fold, opts.device)
+            encoder = load_encoder(opts.pretraining, opts.pretrain_fold, opts.device, len(p["source"].plans[
+                "configurations"][CONFIGURATION]["normalization_schemes"]))
         res = embed_image(encoder, load_preprocessed(p["data_dir"], k))
         emb[k] = np.concatenate([res["embedding"], res["embedding_max"]])  # as ClassifierNet pools
         atomic_write(f, lambda fh, e=emb[k]: np.save(fh, e))

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
-from ssl3d.architectures.encoders import stage_maps
+from ssl3d.architectures.encoders import DownstreamEncoder, stage_maps
 from ssl3d.data.readers import CaseSource, check_unique_ids, discover_folder, file_ending, read_case
 from ssl3d.preprocessing.preprocessor import preprocess_array
-from ssl3d.training.export import find_pretraining, load_pretrained_method
+from ssl3d.training.export import downstream_network
+from ssl3d.training.external import for_downstream, load_pretrained
 from ssl3d.utils import BadInputError, atomic_write, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ def encoder_stage_features(method: torch.nn.Module, x: torch.Tensor) -> list[tor
     SparK/HySparK ``encode`` already give the per-stage list; the MAE ViT gives one ``(B, dim, *grid)`` map
     without a mask. A token output ``(tokens (B, N, dim), vis, grid)`` is folded back onto its grid.
     """
+    if isinstance(method, DownstreamEncoder):  # a foreign checkpoint's downstream encoder: its stage maps
+        return method(x)
     encode = getattr(method, "encode", None)
     out = encode(x, None) if encode is not None else method.encoder(x)
     if isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], tuple):  # (tokens, vis, grid)
@@ -106,16 +109,29 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load_encoder(results: str | os.PathLike, fold: str = "0", device: str | torch.device = "cpu") -> Encoder:
-    """Rebuild the pretrained method of a results folder (weights loaded strictly), in eval mode on ``device``."""
+def load_encoder(results: str | os.PathLike, fold: str = "0", device: str | torch.device = "cpu",
+                 n_channels: int | None = None) -> Encoder:
+    """The pretrained encoder in eval mode on ``device``: an ssl3d results folder's method (weights loaded
+    strictly) or a foreign checkpoint's (nnssl, MONAI) downstream encoder, loaded key by key, with its input
+    projection adapted to ``n_channels`` where the format allows (default: the pretraining's channels)."""
     dev = resolve_device(device)
-    folder, ckpt = find_pretraining(results, fold)
-    method, plans, info = load_pretrained_method(folder, ckpt)
-    method = method.to(dev).eval()
-    in_channels = len(read_json(folder / "dataset.json")["channel_names"])
-    patch = tuple(int(p) for p in getattr(method, "patch_size", plans["configurations"][CONFIGURATION]["patch_size"]))
-    channels, strides = _stage_geometry(method, patch, in_channels, dev)
-    return Encoder(method, plans, info, folder, ckpt, patch, in_channels, dev, channels, strides)
+    src = load_pretrained(results, fold)
+    if src.method is not None:
+        module: torch.nn.Module = src.method
+        if n_channels is not None and n_channels != src.n_channels:
+            raise BadInputError(src.checkpoint, f"pretrained on {src.n_channels} channel(s), the images have "
+                                                f"{n_channels}")
+    else:
+        src = for_downstream(src, n_channels)
+        if src.plans["configurations"][CONFIGURATION].get("spacing") is None:
+            raise BadInputError(src.checkpoint, "the pretraining plan has no spacing (nnssl 'noresample'): "
+                                                "features need a fixed target spacing")
+        module = DownstreamEncoder(downstream_network(src, 2))
+    module = module.to(dev).eval()
+    patch = tuple(int(p) for p in getattr(module, "patch_size", src.patch_size))
+    channels, strides = _stage_geometry(module, patch, src.n_channels, dev)
+    return Encoder(module, src.plans, {**src.info, "name": src.method_name}, src.folder or src.checkpoint.parent,
+                   src.checkpoint, patch, src.n_channels, dev, channels, strides)
 
 
 def _window_starts(size: int, tile: int, align: int) -> list[int]:

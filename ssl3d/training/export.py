@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from ssl3d.training.checkpoints import read_checkpoint
 from ssl3d.training.methods import SSLMethod, build_method, get_method_spec
 from ssl3d.training.seeding import derive_seed
 from ssl3d.utils import DEFAULT_SEED, BadInputError, atomic_write, read_json_input
+
+if TYPE_CHECKING:
+    from ssl3d.training.external import PretrainedSource
 
 logger = logging.getLogger(__name__)
 
@@ -116,32 +120,57 @@ def transfer_encoder(network: torch.nn.Module, encoder_state: dict[str, torch.Te
 
 
 def export_weights(results: str | os.PathLike, output: str | os.PathLike, num_classes: int = 2,
-                   fold: str = "0", seed: int = DEFAULT_SEED) -> dict:
-    """Write ``{'network_weights': full downstream state_dict}`` (CPU tensors). Returns a summary."""
-    folder, ckpt = find_pretraining(results, fold)
-    method, plans, info = load_pretrained_method(folder, ckpt)
-    return {**write_downstream_weights(method, info, folder, ckpt, output, num_classes, seed), "plans": plans}
+                   fold: str = "0", seed: int = DEFAULT_SEED, fmt: str = "nnunet") -> dict:
+    """``fmt="nnunet"``: ``{'network_weights': full downstream state_dict}`` (CPU tensors) for
+    ``nnUNetv2_train -pretrained_weights``; ``fmt="nnssl"``: an nnssl checkpoint (network weights + adaptation
+    plan, see ``external/nnssl.py``). ``results``: an ssl3d results folder or a foreign checkpoint file."""
+    from ssl3d.training.external import load_pretrained
+
+    if fmt not in EXPORT_FORMATS:
+        raise BadInputError(None, f"unknown export format '{fmt}' ({', '.join(EXPORT_FORMATS)})")
+    source = load_pretrained(results, fold)
+    if fmt == "nnssl":
+        from ssl3d.training.external.nnssl import write_nnssl_checkpoint
+
+        return {**write_nnssl_checkpoint(source, output, seed), "plans": source.plans}
+    return {**write_downstream_weights(source, output, num_classes, seed), "plans": source.plans}
 
 
-def write_downstream_weights(method: SSLMethod, info: dict, folder: Path, ckpt: Path,
-                             output: str | os.PathLike, num_classes: int, seed: int = DEFAULT_SEED) -> dict:
-    """The downstream network with ``method``'s pretrained encoder (from ``load_pretrained_method``), saved.
+EXPORT_FORMATS = ("nnunet", "nnssl")
 
-    nnU-Net loads every non-head key from this file, so the decoder's initialisation is decided here: it is
-    drawn from ``seed`` (a fine-tuning run with the same seed starts from the same weights)."""
-    arch = method.downstream_architecture()
-    n_channels = len(read_json_input(Path(folder) / "dataset.json", "the pool's dataset.json")["channel_names"])
+
+def downstream_network(source: "PretrainedSource", num_classes: int, seed: int = DEFAULT_SEED) -> torch.nn.Module:
+    """The downstream network of ``source`` (its channels and patch) with the pretrained encoder loaded, checked
+    key by key. The decoder's initialisation is drawn from ``seed`` (same seed, same starting weights)."""
+    from ssl3d.training.external.coverage import load_encoder_state
+
+    if not source.architecture:
+        raise BadInputError(source.checkpoint, f"method '{source.method_name}' has no downstream network")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "downstream-init"))
-        net = build_network_from_plans(arch, n_channels, num_classes)
+        net = build_network_from_plans(source.architecture, source.n_channels, num_classes)
     try:
-        copied = transfer_encoder(net, method.downstream_state_dict())
+        load_encoder_state(net, source.encoder_state, f"{source.kind} {source.method_name}")
     except EncoderMismatchError as e:
-        raise EncoderMismatchError(e.problem, ckpt) from None
+        raise EncoderMismatchError(e.problem, source.checkpoint) from None
+    return net
+
+
+def write_downstream_weights(source: "PretrainedSource", output: str | os.PathLike, num_classes: int,
+                             seed: int = DEFAULT_SEED) -> dict:
+    """The downstream network with ``source``'s pretrained encoder (``external.load_pretrained``, adapted with
+    ``for_downstream`` to the labeled dataset), saved for ``nnUNetv2_train -pretrained_weights``.
+
+    nnU-Net loads every non-head key from this file, so the decoder's initialisation is decided here."""
+    net = downstream_network(source, num_classes, seed)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    payload = {"network_weights": state, "ssl3d": {"method": info["name"], "source_checkpoint": str(ckpt),
-                                                   "architecture": arch, "encoder_tensors": copied}}
+    copied = len(source.encoder_state)
+    payload = {"network_weights": state, "ssl3d": {"method": source.method_name, "kind": source.kind,
+                                                   "source_checkpoint": str(source.checkpoint),
+                                                   "architecture": source.architecture, "encoder_tensors": copied}}
     output = Path(output)
     atomic_write(output, lambda f: torch.save(payload, f))
-    logger.info("exported %s (%d pretrained encoder tensors, %d total) from %s", output, copied, len(state), ckpt)
-    return {"file": output, "architecture": arch, "method": info["name"], "encoder_tensors": copied}
+    logger.info("exported %s (%d pretrained encoder tensors, %d total) from %s", output, copied, len(state),
+                source.checkpoint)
+    return {"file": output, "architecture": source.architecture, "method": source.method_name,
+            "encoder_tensors": copied}

@@ -17,10 +17,12 @@ logger = logging.getLogger(__name__)
 
 
 def coverage(network_state: dict[str, torch.Tensor], encoder_state: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    """``{top-level module: (pretrained tensors present in the network, network tensors)}`` for every
-    top-level module of the network."""
+    """``{top-level module: (network tensors the pretrained weights fill, network tensors)}`` for every top-level
+    module of the network; a tensor shared under two names (nnU-Net's ``decoder.encoder.*``) counts where it is."""
     expected = Counter(k.split(".", 1)[0] for k in network_state)
-    loaded = Counter(k.split(".", 1)[0] for k in encoder_state if k in network_state)
+    filled = {network_state[k].data_ptr() for k in encoder_state if k in network_state}
+    loaded = Counter(k.split(".", 1)[0] for k, v in network_state.items() if k in encoder_state or
+                     (v.numel() and v.data_ptr() in filled))
     return {m: (loaded.get(m, 0), n) for m, n in expected.items()}
 
 

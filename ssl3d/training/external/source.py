@@ -165,14 +165,18 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int], new_grid
 
 def for_downstream(src: PretrainedSource, n_channels: int | None = None,
                    patch_size: Sequence[int] | None = None) -> PretrainedSource:
-    """``src`` for a labeled dataset with ``n_channels`` inputs and a fine-tuning ``patch_size``.
+    """``src`` for a labeled dataset with ``n_channels`` inputs and a fine-tuning ``patch_size`` (default:
+    ``info['recommended_patch_size']``, else the pretraining patch). Always adapt the source
+    :func:`load_pretrained` returned (its weights are the pretrained ones, at the pretraining patch).
 
     Uses ``info``: ``in_proj_keys`` (input-projection weights whose channel axis is adapted, see
     :func:`adapt_in_channels`), ``pos_embed_key`` (learned positional embedding, interpolated over the token
     grid of ``patch // arch_kwargs['patch_embed_size']``). An ``arch_kwargs['input_shape']`` follows the patch.
     A source without ``in_proj_keys`` refuses another channel count (one line)."""
     n_channels = src.n_channels if n_channels is None else int(n_channels)
-    patch = src.patch_size if patch_size is None else tuple(int(p) for p in patch_size)
+    if patch_size is None:  # the pretraining's recommendation for fine-tuning (nnssl), else its own patch
+        patch_size = src.info.get("recommended_patch_size") or src.patch_size
+    patch = tuple(int(p) for p in patch_size)
     if n_channels == src.n_channels and patch == tuple(src.patch_size):
         return src
     state, arch = dict(src.encoder_state), copy.deepcopy(src.architecture)
@@ -184,6 +188,9 @@ def for_downstream(src: PretrainedSource, n_channels: int | None = None,
         for k in keys:
             state[k] = adapt_in_channels(state[k], n_channels)
         logger.info("input projection %s adapted from %d to %d channel(s)", keys, src.n_channels, n_channels)
+        plans = _plans_for_channels(src, n_channels)
+    else:
+        plans = src.plans
     kw = arch.get("arch_kwargs", {})
     if patch != tuple(src.patch_size):
         key = src.info.get("pos_embed_key")
@@ -198,6 +205,47 @@ def for_downstream(src: PretrainedSource, n_channels: int | None = None,
             logger.info("positional embedding %s interpolated from grid %s to %s", key, old, new)
         if "input_shape" in kw:
             kw["input_shape"] = list(patch)
-    return dataclasses.replace(src, encoder_state=state, architecture=arch, patch_size=patch,
+    return dataclasses.replace(src, encoder_state=state, architecture=arch, patch_size=patch, plans=plans,
                                n_channels=n_channels, info={**src.info, "adapted_from": {
                                    "n_channels": src.n_channels, "patch_size": list(src.patch_size)}})
+
+
+def _plans_for_channels(src: PretrainedSource, n_channels: int) -> dict:
+    """The plans' per-channel normalization for ``n_channels`` inputs: the pretraining's one scheme for every
+    channel (channels are averaged into the input projection, so they must be normalized alike)."""
+    plans = copy.deepcopy(src.plans)
+    cfg = plans["configurations"]["3d_fullres"]
+    schemes, masks = cfg["normalization_schemes"], cfg["use_mask_for_norm"]
+    fg = plans.get("foreground_intensity_properties_per_channel") or {}
+    if len(set(schemes)) != 1 or len({bool(m) for m in masks}) > 1 or len({str(v) for v in fg.values()}) > 1:
+        raise BadInputError(src.checkpoint, f"pretrained on {src.n_channels} differently normalized channels "
+                                            f"({schemes}); cannot map them onto {n_channels}")
+    cfg["normalization_schemes"] = [schemes[0]] * n_channels
+    cfg["use_mask_for_norm"] = [bool(masks[0]) if masks else False] * n_channels
+    first = next(iter(fg.values()), {})
+    plans["foreground_intensity_properties_per_channel"] = {str(c): copy.deepcopy(first) for c in range(n_channels)}
+    return plans
+
+
+def complete_plans(plans: dict, fingerprint: dict) -> dict:
+    """Fill what a foreign pretraining plan leaves open from the labeled dataset's nnU-Net fingerprint: the
+    spacing (nnssl ``noresample``/``median`` without one: the dataset's median spacing, transposed) and the
+    median shapes nnU-Net records."""
+    import numpy as np
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    plans = copy.deepcopy(plans)
+    cfg = plans["configurations"]["3d_fullres"]
+    tf = plans["transpose_forward"]
+    spacings = np.asarray(fingerprint["spacings"], dtype=float)
+    shapes = np.asarray(fingerprint["shapes_after_crop"], dtype=float)
+    if cfg.get("spacing") is None:
+        cfg["spacing"] = [float(v) for v in np.median(spacings, 0)[tf]]
+        logger.info("pretraining plan without a spacing: the labeled dataset's median %s", cfg["spacing"])
+    target = np.asarray(cfg["spacing"], dtype=float)[np.argsort(tf)]  # back to the images' axis order
+    resampled = [compute_new_shape(sh, sp, target) for sh, sp in zip(shapes, spacings)]
+    if cfg.get("median_image_size_in_voxels") is None:
+        cfg["median_image_size_in_voxels"] = [float(v) for v in np.median(np.vstack(resampled), 0)[tf]]
+    if plans.get("original_median_shape_after_transp") is None:
+        plans["original_median_shape_after_transp"] = [int(round(v)) for v in np.median(shapes, 0)[tf]]
+    return plans
