@@ -112,8 +112,8 @@ def test_stock_runs_cover_every_downstream_network():
 
 @pytest.mark.parametrize("method", STOCK_RUNS)
 def test_stock_training_of_every_methods_downstream_network(pretrained, method):
-    """Every downstream network (HybridUNet with deep supervision, ViTSegNet, SwinUNETR, ...) goes through stock
-    nnUNetv2_train with a pretrained encoder loaded."""
+    """Every downstream network (HybridUNet with deep supervision, dna's Primus without it, SwinUNETR, ...) goes
+    through stock nnUNetv2_train with a pretrained encoder loaded."""
     env = pretrained["env"]
     trainer = get_method_spec(method).trainer_name
     sh(["ssl_pretrain", "-d", "801", "-m", method, "-device", "cpu", "--size", "tiny", "--epochs", "1", "--iters",

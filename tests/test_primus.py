@@ -1,6 +1,7 @@
 """``mae`` pretrains dna's official Primus: same modules and keys, visible tokens only, and what it exports is built
 and loaded by stock nnU-Net's own builder and ``-pretrained_weights`` loader."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,8 +73,8 @@ def test_masked_tokens_never_influence_visible_outputs():
 
 
 def test_presets_are_dnas_primus():
-    """S/B/M/L carry the table dna's PrimusS/B/M/L read and their defaults; S builds PrimusS exactly (every key and
-    shape, on the meta device: no memory)."""
+    """S/B/M/L carry the table dna's PrimusS/B/M/L read and their defaults; S builds PrimusS and what nnU-Net's
+    nnUNet_Primus_S_Trainer builds exactly (every key and shape, on the meta device: no memory)."""
     import inspect
 
     import dynamic_network_architectures.architectures.primus as dna
@@ -81,12 +82,17 @@ def test_presets_are_dnas_primus():
     assert {k: (c["embed_dim"], c["eva_depth"], c["eva_numheads"]) for k, c in dna._PRIMUS_CONFIGS.items()} \
         == PRIMUS_SIZES
     cfg = {"patch_size": [64, 64, 64], "ssl3d": {"mae_patch_size": [16, 16, 16]}}
+    from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import nnUNet_Primus_S_Trainer
+
     with torch.device("meta"):
         m = build_method("mae", {}, cfg, 1, size="S")
         ours = _primus(m.downstream_architecture(), 2)
         theirs = dna.PrimusS(1, 2, (8, 8, 8), (64, 64, 64))
+        stock = nnUNet_Primus_S_Trainer.build_network_architecture(None, SimpleNamespace(patch_size=[64] * 3), 1, 2)
     assert m.cell_size == (8, 8, 8)
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in stock.state_dict().items()}  # nnU-Net's own Primus-S fine-tuning
     kw = m.downstream_architecture()["arch_kwargs"]
     for size in PRIMUS_SIZES:
         defaults = inspect.signature(getattr(dna, f"Primus{size}")).parameters
