@@ -87,8 +87,9 @@ def _pretrained(items: list[str]) -> dict[str, Path]:
     out = {}
     for item in items:
         method, sep, path = item.partition("=")
-        if not sep or not Path(path).is_dir():
-            raise BadInputError(path or item, "expected METHOD=existing pretraining results folder")
+        if not sep or not (Path(path).is_dir() or Path(path).is_file()):
+            raise BadInputError(path or item, "expected METHOD=existing pretraining results folder or checkpoint "
+                                              "file (nnssl, MONAI SwinUNETR)")
         out[method] = Path(path)
     return out
 

@@ -63,19 +63,28 @@ class Arm:
         return self.method == SCRATCH
 
 
+def downstream_of(method: str) -> str | None:
+    """The downstream network class of a registered method; a foreign checkpoint's label (``-p name=<file>``)
+    stands for its own network."""
+    try:
+        return get_method_spec(method).downstream
+    except KeyError:
+        return method
+
+
 def scratch_label(base: str, bases: Sequence[str]) -> str:
     """``scratch`` when every method shares one downstream network, else ``scratch (<network>)``."""
-    nets = {get_method_spec(b).downstream for b in bases}
+    nets = {downstream_of(b) for b in bases}
     if len(nets) == 1:
         return SCRATCH
-    return f"{SCRATCH} ({(get_method_spec(base).downstream or base).rsplit('.', 1)[-1]})"
+    return f"{SCRATCH} ({(downstream_of(base) or base).rsplit('.', 1)[-1]})"
 
 
 def scratch_bases(methods: Sequence[str]) -> list[str]:
     """The first method of each distinct downstream network: whose plans each scratch baseline uses."""
     bases, seen = [], set()
     for m in methods:
-        net = get_method_spec(m).downstream
+        net = downstream_of(m)
         if net not in seen:
             seen.add(net)
             bases.append(m)

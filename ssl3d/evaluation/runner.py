@@ -29,6 +29,7 @@ from ssl3d.evaluation.report import write_cls_reports, write_reports
 from ssl3d.inference.nnunet_bridge import nnunet_dataset_name, run_nnunet
 from ssl3d.inference.process_guard import owner_lock
 from ssl3d.preprocessing.pipeline import find_preprocessed_dataset
+from ssl3d.training.external import load_pretrained
 from ssl3d.training.methods import get_method_spec
 from ssl3d.utils import DEFAULT_SEED, BadInputError, env_dir, read_json, write_json
 
@@ -97,8 +98,12 @@ class Benchmark:
         if raw is None or pre is None:
             raise BadInputError(None, "set nnUNet_raw and nnUNet_preprocessed")
         self.raw = raw
+        # -p m=<file>: a foreign checkpoint (nnssl, MONAI), read and checked now (one line if bad); its fine-tuning
+        # plans are named after what it holds (ssl_finetune's ssl3d_<name>Plans)
+        self.foreign = {m: load_pretrained(p).method_name for m, p in cfg.pretrained.items() if Path(p).is_file()}
         for m in list(cfg.methods) + list(cfg.pretrained):
-            get_method_spec(m)  # unknown methods fail before anything runs
+            if m not in self.foreign:
+                get_method_spec(m)  # unknown methods fail before anything runs
         self.pool_dir = find_preprocessed_dataset(cfg.pool, pre)
         if not (self.pool_dir / "ssl3dPlans.json").is_file():
             raise BadInputError(self.pool_dir, "no ssl3d plans here (run ssl_plan_and_preprocess)")
@@ -141,7 +146,8 @@ class Benchmark:
             return read_json(done)
         if method in self.cfg.pretrained:
             given = Path(self.cfg.pretrained[method]).resolve()
-            info = {"method": method, "results": str(given), "given": True}
+            info = {"method": method, "results": str(given), "given": True,
+                    **({"plans_method": self.foreign[method]} if method in self.foreign else {})}
             quality = given / "fold_0" / "reconstruction_quality.json"
             if quality.is_file():
                 info["reconstruction"] = read_json(quality)
@@ -211,7 +217,7 @@ class Benchmark:
         if run_nnunet(cmd, log_file=log, env_overrides=env, pass_fds=self.lock_fds) != 0:
             raise BenchmarkStepError(f"fine-tuning {arm.id} failed; see {log}")
         t1 = time.time()
-        plans = f"ssl3d_{arm.base}Plans" + ("_scratch" if arm.scratch else "")
+        plans = f"ssl3d_{pretrained.get('plans_method', arm.base)}Plans" + ("_scratch" if arm.scratch else "")
         pred = folder / "predictions"
         cmd = ["nnUNetv2_predict", "-i", str(self.out / "test" / "images"), "-o", str(pred), "-d", self.labeled,
                "-c", "3d_fullres", "-p", plans, "-tr", "SSLFinetuneTrainer", "-f", "0", "-chk",
