@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_raw_dataset, subprocess_env
-from nnssl_layout import TINY_PRIMUS, TINY_RESENC, primus_checkpoint, resenc_checkpoint
+from nnssl_layout import (PRIMUS_KEYS, TINY_PRIMUS, TINY_RESENC, adaptation_plan, checkpoint, primus_checkpoint,
+                          resenc_checkpoint)
 
 from ssl3d.training.export import downstream_network, write_downstream_weights
 from ssl3d.training.external import (PretrainedSource, for_downstream, interpolate_pos_embed, known_formats,
@@ -283,3 +284,35 @@ def test_benchmark_takes_a_foreign_checkpoint_file(tmp_path):
         _pretrained([f"openmind={tmp_path / 'missing.pth'}"])
     assert downstream_of("openmind") == "openmind" and downstream_of("spark").endswith("ResidualEncoderUNet")
     assert scratch_bases(["spark", "openmind", "simclr"]) == ["spark", "openmind"]
+
+
+def test_nnssl_primus_and_ssl3d_mae_share_one_network(tmp_path, monkeypatch):
+    """An nnssl Primus checkpoint with the dims of ssl3d's mae loads into the network mae fine-tunes."""
+    from dynamic_network_architectures.architectures import primus
+
+    from ssl3d.architectures.from_plans import build_network_from_plans
+
+    mae = ssl3d_source("mae")
+    kw = mae.architecture["arch_kwargs"]
+    monkeypatch.setitem(primus._PRIMUS_CONFIGS, "M", {"embed_dim": kw["embed_dim"], "eva_depth": kw["eva_depth"],
+                                                      "eva_numheads": kw["eva_numheads"]})
+    ck = checkpoint(dict(mae.encoder_state), adaptation_plan("PrimusM", None, PRIMUS_KEYS, mae.patch_size),
+                    "BaseEvaMAETrainer")
+    src = load_pretrained(save(tmp_path, "primus_m.pth", ck))
+    assert src.architecture["network_class_name"] == mae.architecture["network_class_name"]
+    ours = build_network_from_plans(mae.architecture, 1, 2).state_dict()
+    theirs = downstream_network(src, 2).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert all(torch.equal(theirs[k], v) for k, v in mae.encoder_state.items())
+
+
+def test_nnssl_export_of_a_foreign_or_transformer_source_is_one_line(tmp_path, capsys):
+    from ssl3d.cli.finetune import export_main
+
+    f = save(tmp_path, "r.pth", resenc_checkpoint())
+    assert export_main(["-p", str(f), "-o", str(tmp_path / "o.pth"), "--format", "nnssl"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "spark, simclr, mocov2, byol, voco" in err[0] and not (tmp_path / "o.pth").exists()
+    assert export_main(["-p", str(f), "-o", str(tmp_path / "w.pth")]) == 0  # the nnunet format takes it
+    w = torch.load(tmp_path / "w.pth", weights_only=False)
+    assert w["ssl3d"]["kind"] == "nnssl" and w["ssl3d"]["encoder_tensors"] == 68
