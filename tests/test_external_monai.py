@@ -173,3 +173,40 @@ def test_truncated_mismatched_and_bad_order_files_are_one_line(ssl_swin, tmp_pat
     src = load_pretrained(tmp_path / "m.pt")
     with pytest.raises(BadInputError, match="1 shape mismatches .*layers2.0.blocks.1.attn.qkv.weight"):
         check_encoder_state(_network(src).state_dict(), src.encoder_state)
+
+
+def test_one_stock_nnunet_epoch_from_an_imported_checkpoint(tmp_path):
+    """ssl_finetune -p model_swinvit-style file: recipe plans, converted encoder, stock nnUNetv2_train (1 epoch)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import subprocess_env
+
+    bin_dir = Path(sys.executable).parent
+    env = subprocess_env(tmp_path / "raw", tmp_path / "pre", tmp_path / "res")
+    for k in ("pre", "res"):
+        (tmp_path / k).mkdir()
+    swin = _randomize(SwinTransformer(**{**TINY, "depths": (1, 1, 1, 1)}))
+    ckpt = tmp_path / "model_swinvit.pt"
+    torch.save({**_published_layout(swin), "patch_size": [32, 32, 64]}, ckpt)  # the recipe's 96^3 is slow on CPU
+    for args in (["ssl_make_demo_data", "-o", str(tmp_path / "raw"), "--size", "tiny", "-nu", "1", "-nl", "2",
+                  "--no-progress"],
+                 ["ssl_finetune", "-d", "802", "-p", str(ckpt), "-device", "cpu", "--epochs", "1", "--iters", "1",
+                  "--val-iters", "1", "--no-final-val", "-np", "1", "--batch-size", "1"]):
+        r = subprocess.run([str(bin_dir / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, (args, r.stdout[-1500:], r.stderr[-3000:])
+    assert "Loading pretrained weights" in r.stdout + r.stderr
+    pre = tmp_path / "pre" / "Dataset802_SynthCTOrgans"
+    plans = json.loads((pre / "ssl3d_monai_swinunetrPlans.json").read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    assert cfg["spacing"] == [2.0, 1.5, 1.5] and cfg["patch_size"] == [32, 32, 64]
+    assert cfg["architecture"]["network_class_name"] == "ssl3d.architectures.swin.SwinUNETRNet"
+    weights = torch.load(pre / "ssl3d_monai_swinunetrPlans__pretrained_weights.pth", weights_only=False)
+    expected = convert_swin_state(swin.state_dict(), XYZ_TO_ZYX, (7, 7, 7))
+    for k, v in expected.items():
+        assert torch.equal(weights["network_weights"]["swinViT." + k], v), k
+    out = tmp_path / "res" / "Dataset802_SynthCTOrgans" / "SSLFinetuneTrainer__ssl3d_monai_swinunetrPlans__3d_fullres"
+    assert torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                      weights_only=False)["current_epoch"] == 1
