@@ -100,6 +100,18 @@ def test_presets_are_dnas_primus():
     assert ours.eva.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)  # nnU-Net's Primus trainers' setting
 
 
+def test_anisotropic_plans_give_anisotropic_tokens():
+    """5 x 0.8 x 0.8 mm plans (MAE patch 4x16x16) -> 2x8x8 tokens, not 8^3 tokens 4x deeper than wide; Primus's
+    patch decoder and the dense encoder handle the grid (meta device)."""
+    cfg = {"patch_size": [32, 128, 128], "ssl3d": {"mae_patch_size": [4, 16, 16]}}
+    with torch.device("meta"):
+        m = build_method("mae", {}, cfg, 1, size="S")
+        net = _primus(m.downstream_architecture(), 2)
+        out, feats = net(torch.empty(1, 1, 32, 128, 128)), m.encode(torch.empty(1, 1, 32, 128, 128), None)
+    assert m.cell_size == (2, 8, 8) and feats.shape == (1, 396, 16, 16, 16)
+    assert out.shape == (1, 2, 32, 128, 128)
+
+
 def test_stock_nnunet_builds_our_plans_and_loads_the_export(tmp_path):
     """Plans written as ssl_finetune writes them -> nnU-Net's PlansManager + get_network_from_plans (and the
     fine-tuning trainer's builder) give dna's Primus; the export loads with nnU-Net's -pretrained_weights loader and
