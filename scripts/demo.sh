@@ -13,16 +13,16 @@ mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
 NP="${DEMO_NP:-2}"
 export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-1}"  # data-augmentation workers; nnU-Net would guess from the hostname
 
-echo "== 1/3 synthetic contrast-enhanced CT -> $nnUNet_raw (16 unlabeled, 10 labeled)"
-ssl_make_demo_data -o "$nnUNet_raw" --seed 0 --n-unlabeled 16 --n-labeled 10 --size small --phase portal-venous
+echo "== 1/3 synthetic contrast-enhanced CT -> $nnUNet_raw (16 unlabeled, 20 labeled: 8 to train on, 12 to test)"
+ssl_make_demo_data -o "$nnUNet_raw" --seed 0 --n-unlabeled 16 --n-labeled 20 --size small --phase portal-venous
 
 echo "== 2/3 fingerprint, plan and preprocess the unlabeled pool (Dataset801) at a coarse CPU-demo spacing"
 # 5 x 3.5 x 3.5 mm: the planned 28x40x48 patch of a tiny network then sees the whole abdomen
 ssl_plan_and_preprocess -d 801 -np "$NP" --verify --spacing 5 3.5 3.5
 
 echo
-echo "== 3/3 ssl_benchmark: SparK vs scratch, 1 / 2 / all labeled cases, 2 seeds, 3 held-out test cases"
-ssl_benchmark -u 801 -l 802 -m spark --scratch --n-train 1 2 all --seeds 2 --preset small -device cpu \
+echo "== 3/3 ssl_benchmark: SparK vs scratch, fine-tuned and frozen encoder, 1 / 2 / all labeled cases, 3 seeds, 12 held-out test cases"
+ssl_benchmark -u 801 -l 802 -m spark --scratch --n-train 1 2 all --seeds 3 --preset small -device cpu \
     --cka -np "$NP" -o "$DEMO_DIR/benchmark" ${DEMO_BENCH_ARGS:-}
 echo
 echo "Table: $DEMO_DIR/benchmark/results.md   plot: $DEMO_DIR/benchmark/label_efficiency.png"

@@ -93,6 +93,8 @@ OPTIONS = [
     (benchmark.main, BM + ["--n-train", "0"], "--n-train", "at least 1"),
     (benchmark.main, BM + ["--test-fraction", "1"], "--test-fraction", "(0, 1)"),
     (benchmark.main, BM + ["--ft-epochs", "0"], "--ft-epochs", "at least 1"),
+    (benchmark.main, BM + ["--test-cases", "0"], "--test-cases", "at least 1"),
+    (benchmark.main, BM + ["--arms", "linear"], "--arms", "invalid choice"),
     (extract_features.main, ["-p", "r", "-i", "i", "-o", "o", "-f", "abc"], "-f", "not a fold"),
     (predict.main, ["-i", "i", "-o", "o", "-d", "802", "-f", "0", "x"], "-f", "not a fold"),
     (finetune.export_main, ["-p", "r", "-o", "w.pth", "--num-classes", "0"], "--num-classes", "at least 1"),

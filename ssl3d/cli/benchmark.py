@@ -1,12 +1,16 @@
 """``ssl_benchmark``: the label-efficiency curve in one command.
 
 ``ssl_benchmark -u 801 -l 802 -m spark hyspark --scratch --n-train 1 2 all --seeds 3 -device cpu -o bench/``
-pretrains each method once on the pool (or takes finished results with ``-p spark=/path``), fine-tunes every
-(method | scratch) × label count × seed with stock nnU-Net on the same plans, schedule and seed-matched nested
-few-shot subsets, predicts a fixed held-out test set that no arm trains on (``--test``, or a seeded third of the
-labeled cases) and scores it with nnU-Net's evaluation. Writes ``results.json``, ``results.md`` and
-``label_efficiency.png`` to ``-o``. A killed run resumes where it stopped (each step's result is written last);
-a failed arm is reported with its log and the others go on.
+pretrains each method once on the pool (or takes finished results with ``-p spark=/path``), trains every
+(method | scratch) × arm × label count × seed with stock nnU-Net on the same plans, schedule and seed-matched
+nested few-shot subsets, predicts a fixed held-out test set that no arm trains on (``--test``, else
+``--test-cases`` seeded cases, 12 in the small preset, or a seeded ``--test-fraction``, a third in the paper
+preset) and scores every test case: Dice (nnU-Net's evaluation), normalized surface Dice and HD95 (MONAI, on the
+voxel spacing). Arms (``--arms``): ``finetune`` trains the whole network; ``frozen`` keeps the encoder exactly as
+loaded (pretrained, or for scratch the seed's random initialisation) and trains decoder and head only, the
+frozen-encoder probe; the small preset runs both. Writes ``results.json``, ``results.md``,
+``label_efficiency.png`` and ``label_efficiency_per_class.png`` to ``-o``. A killed run resumes where it stopped
+(each step's result is written last); a failed arm is reported with its log and the others go on.
 
 ``ssl_benchmark --task cls -u 801 -l 803 -m spark --scratch --linear --fractions 1 0.5 0.25 0.1 0.05 --seeds 5``
 is the same curve for case classification (Wolf et al.'s protocol: label fractions 100/50/25/10/5 %, 5 seeds,
@@ -30,7 +34,7 @@ from ssl3d.utils import BadInputError
 
 PRESET_NAMES = ("paper", "small")  # ssl3d.evaluation.protocol.PRESETS (checked by a test; keeps --help light)
 SEG_ONLY = {"n_train": "--n-train", "test": "--test", "test_fraction": "--test-fraction", "cka": "--cka",
-            "warmup": "--warmup", "optimizer": "--optimizer"}
+            "warmup": "--warmup", "optimizer": "--optimizer", "arms": "--arms", "test_cases": "--test-cases"}
 CLS_ONLY = {"fractions": "--fractions", "linear": "--linear", "labels": "--labels", "f": "-f", "l2": "--l2"}
 
 logger = logging.getLogger("ssl3d")
@@ -52,11 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scratch", action="store_true", help="add the same networks trained from scratch")
     p.add_argument("--n-train", nargs="+", type=V.count_or_all, default=None, help="seg: labeled training cases per arm (default 1 2 all)")
     p.add_argument("--seeds", type=V.positive_int, default=None,
-                   help="seeds per (method, label count | fraction) (default 2 for seg, 5 for cls)")
+                   help="seeds per (method, label count | fraction) (default 3 for seg, 5 for cls)")
     p.add_argument("--test", default=None,
                    help="seg: held-out test set: raw dataset folder or folder with images/labels")
     p.add_argument("--test-fraction", type=V.open_unit, default=None,
-                   help="seg, without --test: fraction of labeled cases held out (seeded, at least one; default 1/3)")
+                   help="seg, without --test: fraction of labeled cases held out (seeded, at least one; default: "
+                        "the preset's --test-cases, else 1/3)")
+    p.add_argument("--test-cases", type=V.positive_int, default=None,
+                   help="seg, without --test: number of labeled cases held out (seeded; small preset: 12)")
+    p.add_argument("--arms", nargs="+", choices=["finetune", "frozen"], default=None,
+                   help="seg: finetune (whole network) and/or frozen (encoder kept as loaded, decoder and head "
+                        "trained) arms per method and scratch (default: small preset both, paper finetune)")
     c = p.add_argument_group("classification (--task cls)")
     c.add_argument("--fractions", type=V.unit_fraction, nargs="+", default=None,
                    help="label budgets as fractions of the fold's training cases (default 1 0.5 0.25 0.1 0.05)")
@@ -103,23 +113,25 @@ def _run(args: argparse.Namespace) -> int:
     given = [flag for key, flag in other.items() if getattr(args, key) is not None and getattr(args, key) is not False]
     if given:
         raise BadInputError(None, f"{given[0]} does not apply to --task {args.task}")
+    if args.test_cases is not None and args.test_fraction is not None:
+        raise BadInputError(None, "--test-cases and --test-fraction exclude each other")
     if args.seeds is not None and args.seeds < 1:
         raise BadInputError(None, "--seeds must be at least 1")
     overrides = {k: getattr(args, k) for k in ("pretrain_epochs", "pretrain_iters", "ft_epochs", "ft_iters", "ft_lr",
                                                "encoder_lr_factor", "size", "patch_size", "warmup",
-                                               "optimizer", "l2")}
+                                               "optimizer", "l2", "arms", "test_cases")}
     cfg = BenchmarkConfig(pool=args.u, labeled=args.l, methods=list(args.m), output=Path(args.o),
                           scratch=args.scratch, n_train=list(args.n_train or ["1", "2", "all"]),
-                          seeds=args.seeds or (5 if args.task == "cls" else 2), preset=args.preset,
+                          seeds=args.seeds or (5 if args.task == "cls" else 3), preset=args.preset,
                           device=args.device, test=Path(args.test) if args.test else None,
-                          test_fraction=1 / 3 if args.test_fraction is None else args.test_fraction,
+                          test_fraction=args.test_fraction,
                           pretrained=_pretrained(args.p), num_processes=args.np, overrides=overrides, cka=args.cka,
                           progress=not args.no_progress, task=args.task,
                           fractions=list(args.fractions or [1.0, 0.5, 0.25, 0.1, 0.05]), linear=args.linear,
                           labels_csv=Path(args.labels) if args.labels else None, fold=args.f or 0)
     summary = run_benchmark(cfg)
     logger.info("%s", (Path(args.o) / "results.md").read_text())
-    logger.info("results: %s (results.json, results.md, label_efficiency.png)", args.o)
+    logger.info("results: %s (results.json, results.md, label_efficiency*.png)", args.o)
     return 1 if summary["failures"] and not summary["arms"] else 0
 
 

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=V.nonnegative_int, default=None)
     p.add_argument("--encoder-lr-factor", type=V.nonnegative_float, default=1.0)
     p.add_argument("--optimizer", choices=["auto", "sgd", "adamw"], default="auto")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="frozen-encoder probe: the encoder keeps its loaded weights (pretrained, or with --scratch "
+                        "the seed's random ones) and runs in eval mode; only decoder and head train")
     shots = p.add_mutually_exclusive_group()
     shots.add_argument("--n-train", type=V.positive_int, default=None, help="few-shot: K training cases of the fold")
     shots.add_argument("--fraction", type=V.unit_fraction, default=None, help="few-shot: this fraction of the fold")
@@ -92,6 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         args.val_iters, "lr": args.lr, "warmup": args.warmup, "warmup_epochs": args.warmup_epochs,
         "encoder_lr_factor": args.encoder_lr_factor, "optimizer": args.optimizer, "n_train": args.n_train,
         "fraction": args.fraction, "seed": args.seed, "batch_size": args.batch_size,
+        "freeze_encoder": args.freeze_encoder or None,
         "final_validation": args.device == "cuda" if args.final_val is None else args.final_val,
         "pretrained_from": str(ckpt), "method": source.method_name}.items() if v is not None}
     plans = finetune_plans(source.plans, source.architecture, dataset, plans_name, options, source.patch_size)

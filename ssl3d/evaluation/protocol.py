@@ -1,4 +1,5 @@
-"""What a label-efficiency benchmark runs: presets, arms (method | scratch × label count × seed; for classification
+"""What a label-efficiency benchmark runs: presets, arms (method | scratch × fine-tuned | frozen encoder × label
+count × seed; for classification
 method/mode | scratch × label fraction × seed), the held-out test set and the few-shot subsets, all decided
 before anything trains."""
 from __future__ import annotations
@@ -21,10 +22,12 @@ PRESETS: dict[str, dict] = {
     # small: AdamW 1e-3 because nnU-Net's SGD (0.01) barely starts learning a tiny network in a few hundred steps
     "small": {"size": "tiny", "patch_size": None, "pretrain_epochs": 100, "pretrain_iters": 10, "pretrain_batch": 2,
               "ft_epochs": 35, "ft_iters": 10, "ft_val_iters": 1, "ft_batch": 2, "tta": False, "ft_lr": 1e-3,
-              "encoder_lr_factor": 1.0, "warmup": "linear", "optimizer": "adamw"},
+              "encoder_lr_factor": 1.0, "warmup": "linear", "optimizer": "adamw", "arms": ["finetune", "frozen"],
+              "test_cases": 12},
     "paper": {"size": None, "patch_size": None, "pretrain_epochs": 1000, "pretrain_iters": 250, "pretrain_batch": None,
               "ft_epochs": 1000, "ft_iters": 250, "ft_val_iters": 50, "ft_batch": 2, "tta": True, "ft_lr": None,
-              "encoder_lr_factor": 1.0, "warmup": "linear", "optimizer": "auto"},
+              "encoder_lr_factor": 1.0, "warmup": "linear", "optimizer": "auto", "arms": ["finetune"],
+              "test_cases": None},
 }
 
 # the keys of a preset that pretraining reads (shared by both tasks)
@@ -40,6 +43,9 @@ CLS_PRESETS: dict[str, dict] = {
               "val_fraction": 0.2},
 }
 CLS_MODES = ("finetune", "linear")  # per method; scratch is its own arm
+# segmentation: the whole network fine-tuned, or the encoder frozen as loaded (pretrained; for scratch the seed's
+# random initialisation) with decoder and head trained, the frozen-encoder probe of what a pretraining learned
+SEG_MODES = ("finetune", "frozen")
 
 
 @dataclass(frozen=True)
@@ -52,11 +58,12 @@ class Arm:
     n_train: int
     n_label: str  # as asked: "1", "2", ..., "all"
     seed: int
+    mode: str = "finetune"  # SEG_MODES
 
     @property
     def id(self) -> str:
         who = self.method if self.method != SCRATCH else f"{SCRATCH}-{self.base}"
-        return f"{who}__n{self.n_label}__s{self.seed}"
+        return f"{who}{'' if self.mode == 'finetune' else '-' + self.mode}__n{self.n_label}__s{self.seed}"
 
     @property
     def scratch(self) -> bool:
@@ -92,9 +99,12 @@ def scratch_bases(methods: Sequence[str]) -> list[str]:
 
 
 def plan_arms(methods: Sequence[str], scratch: bool, n_train: Sequence[str], seeds: Sequence[int],
-              n_trainable: int) -> list[Arm]:
+              n_trainable: int, modes: Sequence[str] = ("finetune",)) -> list[Arm]:
     """Every arm, seed-major so that a partial run already holds complete comparisons. One scratch arm per
-    distinct downstream network (its own baseline); label counts above the trainable cases are refused."""
+    distinct downstream network and mode (its own baseline); label counts above the trainable cases are refused."""
+    bad = [m for m in modes if m not in SEG_MODES]
+    if bad or not modes or len(set(modes)) != len(modes):
+        raise BadInputError(None, f"--arms {' '.join(modes)}: each of {', '.join(SEG_MODES)} at most once")
     counts = []
     for k in n_train:
         n = n_trainable if str(k) == "all" else int(k)
@@ -106,8 +116,9 @@ def plan_arms(methods: Sequence[str], scratch: bool, n_train: Sequence[str], see
     arms = []
     for seed in seeds:
         for n, label in counts:
-            arms += [Arm(SCRATCH, b, n, label, seed) for b in bases] if scratch else []
-            arms += [Arm(m, m, n, label, seed) for m in methods]
+            for mode in modes:
+                arms += [Arm(SCRATCH, b, n, label, seed, mode) for b in bases] if scratch else []
+                arms += [Arm(m, m, n, label, seed, mode) for m in methods]
     return arms
 
 
@@ -136,10 +147,12 @@ def _cases(images: Path, labels: Path, file_ending: str) -> tuple[dict[str, list
     return imgs, labs
 
 
-def split_test(raw_dataset: Path, test: Path | None, test_fraction: float, min_train: int) -> HeldOutSplit:
-    """Hold out a fixed test set. Without ``test``: a seeded ``test_fraction`` of the labeled dataset's cases
-    (at least one, leaving ``min_train``), never trained on by any arm. With ``test``: a raw dataset folder
-    (imagesTs/labelsTs, else imagesTr/labelsTr) or a folder with images/ and labels/."""
+def split_test(raw_dataset: Path, test: Path | None, test_fraction: float, min_train: int,
+               n_test: int | None = None) -> HeldOutSplit:
+    """Hold out a fixed test set. Without ``test``: ``n_test`` seeded cases of the labeled dataset, or without it
+    a seeded ``test_fraction`` of them (at least one), leaving ``min_train``, never trained on by any arm. With
+    ``test``: a raw dataset folder (imagesTs/labelsTs, else imagesTr/labelsTr) or a folder with images/ and
+    labels/."""
     dj = read_json(raw_dataset / "dataset.json")
     ending = dj.get("file_ending", ".nii.gz")
     imgs, labs = _cases(raw_dataset / "imagesTr", raw_dataset / "labelsTr", ending)
@@ -147,10 +160,13 @@ def split_test(raw_dataset: Path, test: Path | None, test_fraction: float, min_t
         raise BadInputError(raw_dataset / "imagesTr", "no labeled cases")
     if test is None:
         ids = sorted(imgs)
-        n_test = max(1, int(math.floor(test_fraction * len(ids))))
+        asked = n_test is not None
+        n_test = n_test if asked else max(1, int(math.floor(test_fraction * len(ids))))
         if len(ids) - n_test < min_train:
-            raise BadInputError(raw_dataset, f"{len(ids)} labeled cases cannot give a test set and {min_train} "
-                                             f"training cases; give --test or fewer --n-train")
+            what = f"{n_test} test cases" if asked else "a test set"
+            raise BadInputError(raw_dataset, f"{len(ids)} labeled cases cannot give {what} and {min_train} "
+                                             f"training cases; give --test, " + ("fewer --test-cases, " if asked
+                                             else "") + "or fewer --n-train")
         chosen = set(np.random.RandomState(DEFAULT_SEED).choice(ids, n_test, replace=False).tolist())
         return HeldOutSplit([i for i in ids if i not in chosen], {i: imgs[i] for i in sorted(chosen)},
                          {i: labs[i] for i in sorted(chosen)})

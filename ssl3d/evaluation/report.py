@@ -1,6 +1,7 @@
-"""Benchmark outputs: ``results.json`` (every arm), ``results.md`` (mean ± sd over seeds, paired difference to
-scratch with a 95 % interval) and ``label_efficiency.png`` (Dice vs labeled cases, or for classification AUC vs
-label fraction; log-x, sd bands).
+"""Benchmark outputs: ``results.json`` (every arm with its per-case scores), ``results.md`` (mean ± sd over seeds,
+paired difference to scratch with its 95 % interval) and ``label_efficiency.png`` (segmentation: Dice, NSD and
+HD95 vs labeled cases, one row of panels per arm mode, fine-tuned or frozen encoder, plus per-class Dice in
+``label_efficiency_per_class.png``; classification: AUC vs label fraction; log-x, sd bands).
 
 Both tasks share one data shape, ``curves[label][x] = cell`` (x: labeled cases or label fraction; a cell maps a
 metric name to ``{seed: value}``), and the table rows and plot lines built on it."""
@@ -17,8 +18,13 @@ from ssl3d.evaluation.stats import paired_difference, summarize
 from ssl3d.utils import atomic_write, save_figure, write_json
 
 
+MODE_TITLES = {"finetune": "Fine-tuned encoder", "frozen": "Frozen encoder (only decoder and head trained)"}
+SEG_METRICS = {"dice": "Dice", "nsd": "NSD", "hd95": "HD95 (mm)"}  # per class; the curves' means: mean_<key>
+
+
 def curve_label(arm: dict, methods: list[str]) -> str:
-    return scratch_label(arm["base"], methods) if arm["method"] == SCRATCH else arm["method"]
+    base = scratch_label(arm["base"], methods) if arm["method"] == SCRATCH else arm["method"]
+    return base + ("" if arm.get("mode", "finetune") == "finetune" else f" ({arm['mode']})")
 
 
 def curve_order(curves: dict) -> list[str]:
@@ -27,9 +33,10 @@ def curve_order(curves: dict) -> list[str]:
 
 
 def curve_rows(curves: dict, baseline: dict, xs: list, value: Callable[[dict], dict],
-               with_n: bool = False) -> list[str]:
+               with_n: bool = False, half_width: bool = False) -> list[str]:
     """Markdown rows: per curve mean ± sd over seeds at each x (``with_n``: and the number of seeds), and below a
-    curve with a baseline the paired difference to it (same seeds) with a 95 % t interval over seeds."""
+    curve with a baseline the paired difference to it (same seeds) with its 95 % t interval over seeds (as
+    ``[low, high]``, or with ``half_width`` as ``(±half-width)``)."""
     lines = []
     for label in curve_order(curves):
         cur = curves[label]
@@ -37,9 +44,10 @@ def curve_rows(curves: dict, baseline: dict, xs: list, value: Callable[[dict], d
         lines.append(f"| {label} | " + " | ".join(row) + " |")
         if label in baseline and baseline[label] in curves:
             base = curves[baseline[label]]
-            diff = [paired_difference(value(cur[x]), value(base[x])).fmt() if x in cur and x in base else "–"
+            diff = [paired_difference(value(cur[x]), value(base[x])) if x in cur and x in base else None
                     for x in xs]
-            lines.append(f"| Δ {label} − {baseline[label]} | " + " | ".join(diff) + " |")
+            lines.append(f"| Δ {label} − {baseline[label]} | " + " | ".join(
+                "–" if d is None else d.fmt_half() if half_width else d.fmt() for d in diff) + " |")
     return lines
 
 
@@ -48,71 +56,106 @@ def _fmt_summary(s, with_n: bool) -> str:
 
 
 def aggregate(results: list[dict], methods: list[str]) -> dict:
-    """{label: {n_train: {"mean_dice": {seed: v}, "dice": {class: {seed: v}}}}} plus the scratch label of each."""
-    curves: dict = defaultdict(lambda: defaultdict(lambda: {"mean_dice": {}, "dice": defaultdict(dict)}))
-    baseline = {}
+    """{label: {n_train: cell}} with cell = {"mean_dice" | "mean_nsd" | "mean_hd95": {seed: v}, "dice" | "nsd" |
+    "hd95": {class: {seed: v}}}, the scratch label each curve is compared with, and each curve's mode."""
+    def new_cell() -> dict:
+        return {**{f"mean_{m}": {} for m in SEG_METRICS}, **{m: defaultdict(dict) for m in SEG_METRICS}}
+
+    curves: dict = defaultdict(lambda: defaultdict(new_cell))
+    baseline, modes = {}, {}
     for r in results:
         label = curve_label(r, methods)
-        cell = curves[label][int(r["n_train"])]
-        cell["mean_dice"][int(r["seed"])] = float(r["mean_dice"])
-        for cls, v in r["dice"].items():
-            cell["dice"][cls][int(r["seed"])] = float(v)
+        modes[label] = r.get("mode", "finetune")
+        cell, seed = curves[label][int(r["n_train"])], int(r["seed"])
+        for m in SEG_METRICS:  # arms scored before NSD/HD95 existed have Dice only
+            cell[f"mean_{m}"][seed] = _float(r.get(f"mean_{m}"))
+            for cls, v in (r.get(m) or {}).items():
+                cell[m][cls][seed] = _float(v)
         if r["method"] != SCRATCH:
-            baseline[label] = scratch_label(r["base"], methods)
-    return {"curves": curves, "baseline": baseline}
+            baseline[label] = curve_label({**r, "method": SCRATCH}, methods)
+    return {"curves": curves, "baseline": baseline, "modes": modes}
+
+
+def _float(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _by_mode(agg: dict) -> list[tuple[str, dict]]:
+    """(mode, the curves of that mode) for each mode present, fine-tuned first."""
+    out = []
+    for mode in MODE_TITLES:
+        sub = {k: v for k, v in agg["curves"].items() if agg["modes"].get(k) == mode}
+        if sub:
+            out.append((mode, sub))
+    return out
 
 
 def markdown_table(agg: dict, n_trainable: int, n_test: int, setting: dict) -> str:
-    curves, baseline = agg["curves"], agg["baseline"]
-    counts = sorted({n for c in curves.values() for n in c})
-    head = "| method | " + " | ".join(f"{n} labeled" + (" (all)" if n == n_trainable else "") for n in counts) + " |"
-    lines = [f"Mean foreground Dice on {n_test} held-out test case(s), mean ± sd over seeds; below each method the "
-             f"paired difference to its scratch baseline (same seeds, same few-shot cases) with a 95 % t "
-             f"interval over seeds. Fine-tuning: {setting['ft_epochs']}×{setting['ft_iters']} iterations per arm "
-             f"(batch {setting['ft_batch']}); pretraining: see below.", "", head,
-             "|---|" + "---|" * len(counts)]
-    order = curve_order(curves)
-    lines += curve_rows(curves, baseline, counts, lambda cell: cell["mean_dice"])
-    classes = sorted({c for cur in curves.values() for cell in cur.values() for c in cell["dice"]})
-    if classes:
-        lines += ["", "Per-class Dice (mean ± sd over seeds):", "",
-                  "| method | labeled | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
-        for label in order:
-            for n in sorted(curves[label]):
-                cells = [summarize(list(curves[label][n]["dice"].get(c, {}).values())).fmt() for c in classes]
-                lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    baseline = agg["baseline"]
+    lines = [f"Scores on {n_test} held-out test case(s): mean over test cases, then mean ± sd over seeds. Below each "
+             f"method (Δ) its paired difference to its scratch baseline (same seeds, same few-shot cases): mean "
+             f"(± half-width of the 95 % t interval over seeds). Fine-tuning: {setting['ft_epochs']}×"
+             f"{setting['ft_iters']} iterations per arm (batch {setting['ft_batch']}); pretraining: see below. NSD: "
+             f"normalized surface Dice at the per-class tolerance below; HD95: 95th-percentile Hausdorff distance "
+             f"in mm (lower is better); a class missing from prediction or reference scores Dice 0, NSD 0 and HD95 "
+             f"= the image diagonal; a class absent from both is left out."]
+    for mode, curves in _by_mode(agg):
+        counts = sorted({n for c in curves.values() for n in c})
+        head = ("| method | " + " | ".join(f"{n} labeled" + (" (all)" if n == n_trainable else "") for n in counts)
+                + " |")
+        lines += ["", f"### {MODE_TITLES[mode]}"]
+        for m, name in SEG_METRICS.items():
+            lines += ["", f"Mean foreground {name}:", "", head, "|---|" + "---|" * len(counts)]
+            lines += curve_rows(curves, baseline, counts, lambda cell, k=f"mean_{m}": cell[k], half_width=True)
+        classes = sorted({c for cur in curves.values() for cell in cur.values() for c in cell["dice"]})
+        for m, name in SEG_METRICS.items():
+            if not classes:
+                break
+            lines += ["", f"Per-class {name} (mean ± sd over seeds):", "",
+                      "| method | labeled | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
+            for label in curve_order(curves):
+                for n in sorted(curves[label]):
+                    cells = [summarize(list(curves[label][n][m].get(c, {}).values())).fmt() for c in classes]
+                    lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(agg: dict, path: Path, title: str) -> None:
-    """Left: mean foreground Dice vs labeled cases (log-x), one line per method with a ±sd band; right: one small
-    panel per class."""
+    """One row per arm mode (fine-tuned, frozen encoder), one column per metric (mean Dice, NSD, HD95) vs labeled
+    cases (log-x), one line per method with a ±sd band; per-class Dice in ``<path stem>_per_class.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = agg["curves"]
-    classes = sorted({c for cur in curves.values() for cell in cur.values() for c in cell["dice"]})
-    ncols = max(1, math.ceil(math.sqrt(len(classes))))
-    nrows = max(1, math.ceil(len(classes) / ncols))
+    rows = _by_mode(agg)
+    colors = {label: f"C{i}" for i, label in enumerate(curve_order(agg["curves"]))}
+    classes = sorted({c for cur in agg["curves"].values() for cell in cur.values() for c in cell["dice"]})
     with matplotlib.rc_context({"font.size": 9}):
-        fig = plt.figure(figsize=(5 + 2.6 * ncols, max(4.2, 2.3 * nrows)))
-        grid = fig.add_gridspec(nrows, 1 + ncols, width_ratios=[2.2] + [1] * ncols)
-        main = fig.add_subplot(grid[:, 0])
-        colors = {label: f"C{i}" for i, label in enumerate(curve_order(curves))}
-        for label, cur in curves.items():
-            _line(main, cur, lambda cell: cell["mean_dice"], label, colors[label])
-        _axes(main, "mean foreground Dice", curves)
-        main.set_title(title, fontsize=10)
-        main.legend(fontsize=8, loc="best")
-        for i, cls in enumerate(classes):
-            ax = fig.add_subplot(grid[i // ncols, 1 + i % ncols])
-            for label, cur in curves.items():
-                _line(ax, cur, lambda cell, c=cls: cell["dice"].get(c, {}), None, colors[label])
-            _axes(ax, "Dice", curves)
-            ax.set_title(cls, fontsize=9)
+        fig, axes = plt.subplots(len(rows), len(SEG_METRICS), figsize=(4.2 * len(SEG_METRICS), 3.6 * len(rows)),
+                                 squeeze=False)
+        for (mode, curves), ax_row in zip(rows, axes):
+            for (m, name), ax in zip(SEG_METRICS.items(), ax_row):
+                for label in curve_order(curves):
+                    _line(ax, curves[label], lambda cell, k=f"mean_{m}": cell[k], label, colors[label])
+                _axes(ax, f"mean foreground {name}", curves, ylim=None if m == "hd95" else (-0.02, 1.0))
+                ax.set_title(f"{MODE_TITLES[mode].split(' (')[0]}: {name}", fontsize=9)
+            ax_row[0].legend(fontsize=8, loc="best")
+        fig.suptitle(title, fontsize=10)
         save_figure(fig, path, dpi=110)
+        if not classes:
+            return
+        fig, axes = plt.subplots(len(rows), len(classes), figsize=(2.6 * len(classes), 2.6 * len(rows)),
+                                 squeeze=False)
+        for (mode, curves), ax_row in zip(rows, axes):
+            for cls, ax in zip(classes, ax_row):
+                for label in curve_order(curves):
+                    _line(ax, curves[label], lambda cell, c=cls: cell["dice"].get(c, {}), label, colors[label])
+                _axes(ax, "Dice", curves)
+                ax.set_title(f"{cls} ({mode})", fontsize=9)
+            ax_row[0].legend(fontsize=7, loc="best")
+        fig.suptitle(f"per-class Dice, {title}", fontsize=10)
+        save_figure(fig, path.with_name(path.stem + "_per_class.png"), dpi=110)
 
 
 def _line(ax, cur: dict, values, label, color) -> None:
@@ -126,7 +169,7 @@ def _line(ax, cur: dict, values, label, color) -> None:
 
 
 def _axes(ax, ylabel: str, curves: dict, xlabel: str = "labeled training cases",
-          xfmt: Callable[[float], str] = str) -> None:
+          xfmt: Callable[[float], str] = str, ylim: tuple[float, float] | None = (-0.02, 1.0)) -> None:
     ns = sorted({n for c in curves.values() for n in c})
     ax.set_xscale("log")
     ax.set_xticks(ns)
@@ -134,7 +177,10 @@ def _axes(ax, ylabel: str, curves: dict, xlabel: str = "labeled training cases",
     ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(-0.02, 1.0)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    else:
+        ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
 
 
@@ -175,17 +221,37 @@ def _failures_md(failures: list[dict]) -> str:
     return "\nFailed steps (see their logs):\n\n" + "\n".join(f"- {f['step']}: {f['error']}" for f in failures) + "\n"
 
 
+def _difference(a: dict, b: dict) -> dict:
+    d = paired_difference(a, b)
+    return asdict(d) | {"half_width": d.half_width}
+
+
+def _tolerance_md(results: list[dict]) -> str:
+    tol = next((r["nsd_tolerance_mm"] for r in results if r.get("nsd_tolerance_mm")), None)
+    if not tol:
+        return ""
+    return ("\nNSD tolerance per class (mm; dataset.json ssl3d_nsd_tolerance_mm, else 2 mm): "
+            + ", ".join(f"{k} {v:g}" for k, v in tol.items()) + "\n")
+
+
 def write_reports(out: Path, results: list[dict], failures: list[dict], pretraining: dict, methods: list[str],
                   n_trainable: int, n_test: int, setting: dict, cka: list[dict] | None = None) -> dict:
     agg = aggregate(results, list(methods))
+    curves, baseline = agg["curves"], agg["baseline"]
+    means = [f"mean_{m}" for m in SEG_METRICS]
+    diffs = {k: {label: {str(n): _difference(cur[n][k], curves[baseline[label]][n][k])
+                         for n in cur if n in curves[baseline[label]]}
+                 for label, cur in curves.items() if baseline.get(label) in curves} for k in means}
     summary = {"arms": sorted(results, key=lambda r: r["id"]), "failures": failures, "pretraining": pretraining,
                "n_trainable": n_trainable, "n_test": n_test, "setting": setting,
-               "summary": {label: {str(n): _cell_summary(c) for n, c in cur.items()}
-                           for label, cur in agg["curves"].items()}}
+               "summary": {label: {str(n): _cell_summary(c) for n, c in cur.items()} for label, cur in curves.items()},
+               "surface_summary": {k: {label: {str(n): _cell_summary(c, k) for n, c in cur.items()}
+                                       for label, cur in curves.items()} for k in means[1:]},
+               "difference_to_scratch": diffs}
     if cka is not None:
         summary["cka"] = cka
     write_json(out / "results.json", summary)
-    md = markdown_table(agg, n_trainable, n_test, setting) + _pretraining_md(pretraining)
+    md = markdown_table(agg, n_trainable, n_test, setting) + _tolerance_md(results) + _pretraining_md(pretraining)
     if cka:
         md += "\nFeature reuse (linear CKA, pretrained vs fine-tuned encoder, mean over seeds): see cka.png / cka.json\n"
     md += _failures_md(failures)

@@ -26,6 +26,7 @@ from ssl3d.data.readers import discover_inputs, find_raw_dataset
 from ssl3d.evaluation.protocol import (CLS_PRESETS, PRESETS, PRETRAIN_KEYS, Arm, ClsArm, HeldOutSplit, arm_record,
                                        plan_arms, plan_cls_arms, split_test, training_cases)
 from ssl3d.evaluation.report import write_cls_reports, write_reports
+from ssl3d.evaluation.seg_metrics import nsd_tolerances, score_folder
 from ssl3d.inference.nnunet_bridge import nnunet_dataset_name, run_nnunet
 from ssl3d.inference.process_guard import owner_lock
 from ssl3d.preprocessing.pipeline import find_preprocessed_dataset
@@ -46,11 +47,11 @@ class BenchmarkConfig:
     output: Path
     scratch: bool = True
     n_train: list[str] = field(default_factory=lambda: ["1", "2", "all"])
-    seeds: int = 2
+    seeds: int = 3
     preset: str = "small"
     device: str = "cpu"
     test: Path | None = None
-    test_fraction: float = 1 / 3
+    test_fraction: float | None = None  # else the preset's test_cases held out (else a third)
     pretrained: dict[str, Path] = field(default_factory=dict)  # method -> finished pretraining results folder
     num_processes: int = 2
     overrides: dict = field(default_factory=dict)  # preset keys set on the command line
@@ -79,13 +80,18 @@ class Benchmark:
         max_n = max((int(k) for k in cfg.n_train if str(k) != "all"), default=1)
         n_enc = encoder_channels(read_json(self.pool_dir / "ssl3dPlans.json"))
         _, dj = check_labeled_dataset(self.raw_labeled, n_enc, cfg.num_processes)  # every image and label first
+        n_test = self.s.get("test_cases") if cfg.test_fraction is None else None
         self.split: HeldOutSplit = split_test(self.raw_labeled, Path(cfg.test) if cfg.test else None,
-                                           cfg.test_fraction, max_n)
+                                           1 / 3 if cfg.test_fraction is None else cfg.test_fraction, max_n, n_test)
         if cfg.test:
             check_cases([(c, [str(f) for f in self.split.test_images[c]], str(self.split.test_labels[c]))
                          for c in sorted(self.split.test_labels)], label_values(dj, self.raw_labeled / "dataset.json"),
                         cfg.num_processes)
-        self.arms = plan_arms(cfg.methods, cfg.scratch, cfg.n_train, range(cfg.seeds), len(self.split.trainable))
+        self.arms = plan_arms(cfg.methods, cfg.scratch, cfg.n_train, range(cfg.seeds), len(self.split.trainable),
+                              self.s.get("arms") or ["finetune"])
+        self.fg_labels = {int(v): k for k, v in dj["labels"].items() if isinstance(v, int) and v != 0}
+        self.file_ending = dj.get("file_ending", ".nii.gz")
+        self.nsd_tolerances = nsd_tolerances(dj, self.fg_labels, self.raw_labeled / "dataset.json")  # before any run
 
     # ---- set-up ------------------------------------------------------------------------------------------
     def _setup(self, cfg: BenchmarkConfig) -> None:
@@ -212,6 +218,7 @@ class Benchmark:
                "--encoder-lr-factor", str(s["encoder_lr_factor"]), "--optimizer", s.get("optimizer", "auto")]
         cmd += [] if arm.n_label == "all" else ["--n-train", str(arm.n_train)]
         cmd += ["--scratch"] if arm.scratch else []
+        cmd += ["--freeze-encoder"] if arm.mode == "frozen" else []
         cmd += ["--lr", str(s["ft_lr"])] if s["ft_lr"] else []
         t0 = time.time()
         if run_nnunet(cmd, log_file=log, env_overrides=env, pass_fds=self.lock_fds) != 0:
@@ -231,18 +238,8 @@ class Benchmark:
                 "finetune_s": round(t1 - t0, 1), "predict_s": round(t2 - t1, 1), "log": str(log)}
 
     def evaluate(self, pred: Path) -> dict:
-        """Per-class Dice (and IoU) on the test cases with nnU-Net's own evaluation."""
-        from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-
-        dj = read_json(self.raw_labeled / "dataset.json")
-        labels = {int(v): k for k, v in dj["labels"].items() if isinstance(v, int) and v != 0}
-        res = compute_metrics_on_folder(str(self.out / "test" / "labels"), str(pred), str(pred / "summary.json"),
-                                        SimpleITKIO(), dj.get("file_ending", ".nii.gz"), sorted(labels),
-                                        num_processes=1, chill=False)
-        dice = {labels[k]: float(v["Dice"]) for k, v in res["mean"].items()}
-        iou = {labels[k]: float(v["IoU"]) for k, v in res["mean"].items()}
-        return {"dice": dice, "iou": iou, "mean_dice": float(res["foreground_mean"]["Dice"])}
+        """Per-case and mean Dice (nnU-Net's evaluation), NSD and HD95 (MONAI) per class on the test cases."""
+        return score_folder(self.out / "test" / "labels", pred, self.fg_labels, self.nsd_tolerances, self.file_ending)
 
     # ---- everything --------------------------------------------------------------------------------------
     def run(self) -> dict:

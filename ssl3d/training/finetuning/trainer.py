@@ -10,7 +10,9 @@ Options live in the plans (``configurations[c]["ssl3d_finetune"]``, written by `
 * ``n_train`` / ``fraction``: deterministic few-shot subset of the fold's training cases (never validation);
 * ``final_validation``: False skips nnU-Net's sliding-window validation at the end (``ssl_finetune`` default on
   CPU); when it runs, every case's log line carries the count, elapsed time and ETA;
-* ``seed``: initialisation, few-shot order, data order and augmentation workers seeded (reproducible runs).
+* ``seed``: initialisation, few-shot order, data order and augmentation workers seeded (reproducible runs);
+* ``freeze_encoder``: the encoder stays exactly as loaded (frozen-encoder probe; see ``freeze.py``), only decoder
+  and head train.
 
 Transformer/single-output traits of the downstream network come from the method registry.
 """
@@ -23,6 +25,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from ssl3d.training.checkpoints import AtomicCheckpointMixin
+from ssl3d.training.finetuning.freeze import encoder_parameters, freeze_encoder_mode, set_encoder_trainable
 from ssl3d.training.methods import spec_for_network
 from ssl3d.training.seeding import derive_seed, seed_everything, seeded_nnunet_augmenters
 from ssl3d.training.trainer_init import TrainerInitMixin
@@ -75,6 +78,7 @@ class SSLFinetuneTrainer(AtomicCheckpointMixin, TrainerInitMixin, nnUNetTrainer)
         self.encoder_lr_factor = float(self.ft.get("encoder_lr_factor", 1.0))
         self.save_every = int(self.ft.get("save_every", self.save_every))
         self.seed = int(self.ft.get("seed", DEFAULT_SEED))
+        self.freeze_encoder = bool(self.ft.get("freeze_encoder", False))
         spec = spec_for_network(self.configuration_manager.network_arch_class_name)
         if spec is not None and spec.single_output:  # no multi-scale outputs: deep supervision off
             self.enable_deep_supervision = False
@@ -103,10 +107,11 @@ class SSLFinetuneTrainer(AtomicCheckpointMixin, TrainerInitMixin, nnUNetTrainer)
             return super().get_dataloaders()
 
     def configure_optimizers(self):
-        enc, rest = [], []
-        for name, p in self._network_module().named_parameters():
-            (enc if name.startswith("encoder.") else rest).append(p)
+        enc, rest = encoder_parameters(self._network_module())
         groups = [{"params": enc, "lr_factor": self.encoder_lr_factor}, {"params": rest, "lr_factor": 1.0}]
+        if self.freeze_encoder:  # out of the optimizer: no update, no weight decay
+            set_encoder_trainable(self._network_module(), False)
+            groups = groups[1:]
         if self.use_adamw:
             opt = torch.optim.AdamW(groups, self.initial_lr, weight_decay=self.weight_decay)
         else:
@@ -116,12 +121,12 @@ class SSLFinetuneTrainer(AtomicCheckpointMixin, TrainerInitMixin, nnUNetTrainer)
 
     def on_train_epoch_start(self):
         frozen = self.warmup_mode == "decoder" and self.current_epoch < self.warmup_epochs
-        for name, p in self._network_module().named_parameters():
-            if name.startswith("encoder."):
-                p.requires_grad_(not frozen)
-        if frozen:
+        set_encoder_trainable(self._network_module(), not (frozen or self.freeze_encoder))
+        if frozen and not self.freeze_encoder:
             self.print_to_log_file("decoder-only warm-up: encoder frozen this epoch")
-        super().on_train_epoch_start()
+        super().on_train_epoch_start()  # network.train()
+        if self.freeze_encoder:
+            freeze_encoder_mode(self._network_module())
 
     def do_split(self):
         self._maybe_small_dataset_splits()
