@@ -73,10 +73,11 @@ def test_every_layout_imports_key_by_key(ssl_swin, layout, tmp_path):
     cov = check_encoder_state(net.state_dict(), src.encoder_state)
     n_swin = len(ssl_swin.state_dict())
     assert cov["swinViT"] == (n_swin, n_swin) and sum(a for a, _ in cov.values()) == n_swin
-    expected = convert_swin_state(ssl_swin.state_dict(), XYZ_TO_ZYX, (7, 7, 7))
+    expected = convert_swin_state(ssl_swin.state_dict(), XYZ_TO_ZYX, (7, 7, 7), "monai<1.5", "merging")
     for k, v in expected.items():
         assert torch.equal(src.encoder_state["swinViT." + k], v), k
-    assert src.info["axis_order"] == "xyz" and src.info["converted"]
+    assert src.info["axis_order"] == "xyz" and src.info["converted"] and src.info["merging_order"] == "monai<1.5"
+    assert src.info["inexact_merging"] == [f"layers{i}.0.downsample" for i in range(1, 5)]
     assert ("rotation_head.weight" in src.info["skipped_keys"]) == (layout != "published")
     cfg = src.plans["configurations"]["3d_fullres"]
     assert cfg["spacing"] == [2.0, 1.5, 1.5] and cfg["normalization_schemes"] == ["CTWindowNormalization"]
@@ -86,9 +87,9 @@ def test_every_layout_imports_key_by_key(ssl_swin, layout, tmp_path):
 
 def test_zyx_axis_order_loads_unconverted(ssl_swin, tmp_path):
     path = tmp_path / "w.pt"
-    torch.save({**_published_layout(ssl_swin), "axis_order": "zyx"}, path)
+    torch.save({**_published_layout(ssl_swin), "axis_order": "zyx", "merging_order": "merging"}, path)
     src = load_pretrained(path)
-    assert not src.info["converted"]
+    assert not src.info["converted"] and not src.info["inexact_merging"]
     for k, v in ssl_swin.state_dict().items():
         assert torch.equal(src.encoder_state["swinViT." + k], v)
 
@@ -124,6 +125,45 @@ def test_merging_block_order_follows_the_offsets():
     # MONAI's PatchMerging order 000,100,010,001,110,101,011,111: reversing the axes swaps 100<->001, 110<->011
     assert merging_block_order(XYZ_TO_ZYX, "merging") == [0, 3, 2, 1, 6, 5, 4, 7]
     assert merging_block_order((0, 1, 2), "mergingv2") == list(range(8))
+
+
+def test_pre_1_5_patch_merging_follows_its_offsets_into_the_installed_merging():
+    """Weights trained with MONAI < 1.5's PatchMerging (010 and 001 twice, 110 and 011 never) in MONAI's current
+    one on the transposed array: the same function wherever the LayerNorm sees the same values, i.e. where 110
+    repeats 010 and 011 repeats 001; MONAI's positional copy (load_from) is not."""
+    from monai.networks.nets.swin_unetr import MERGING_MODE
+
+    from ssl3d.training.external.axes import MERGING_OFFSETS, convert_patch_merging, merging_offsets
+
+    assert merging_offsets(MERGING_MODE["merging"]) == MERGING_OFFSETS["merging"]  # read off MONAI's forward
+    torch.manual_seed(2)
+    c = 3
+    old = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(8 * c),
+                               "reduction": torch.nn.Linear(8 * c, 2 * c, bias=False)})
+    with torch.no_grad():
+        old["norm"].weight.normal_(1, 0.5)
+        old["norm"].bias.normal_(0, 0.5)
+
+    def old_forward(x):  # MONAI 1.4's PatchMerging.forward on (B, X, Y, Z, C)
+        cat = torch.cat([x[:, a::2, b::2, k::2] for a, b, k in MERGING_OFFSETS["monai<1.5"]], -1)
+        return old["reduction"](old["norm"](cat))
+
+    x = torch.randn(2, 4, 6, 8, c)
+    x[:, 1::2, 1::2, 0::2] = x[:, 0::2, 1::2, 0::2]
+    x[:, 0::2, 1::2, 1::2] = x[:, 0::2, 0::2, 1::2]
+    new = MERGING_MODE["merging"](dim=c).eval()
+    w, b, r, exact = convert_patch_merging(old["norm"].weight.detach(), old["norm"].bias.detach(),
+                                           old["reduction"].weight.detach(), XYZ_TO_ZYX, "monai<1.5", "merging")
+    assert not exact
+    new.load_state_dict({"norm.weight": w, "norm.bias": b, "reduction.weight": r})
+    xt = x.permute(0, 3, 2, 1, 4)
+    with torch.no_grad():
+        ref, got = old_forward(x).permute(0, 3, 2, 1, 4), new(xt)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        positional = MERGING_MODE["merging"](dim=c).eval()
+        positional.load_state_dict({"norm.weight": old["norm"].weight, "norm.bias": old["norm"].bias,
+                                    "reduction.weight": old["reduction"].weight})
+        assert (positional(x) - old_forward(x)).abs().max() > 0.1
 
 
 def test_whole_encoder_is_the_same_function_of_the_transposed_input():
@@ -204,7 +244,7 @@ def test_one_stock_nnunet_epoch_from_an_imported_checkpoint(tmp_path):
     assert cfg["spacing"] == [2.0, 1.5, 1.5] and cfg["patch_size"] == [32, 32, 64]
     assert cfg["architecture"]["network_class_name"] == "ssl3d.architectures.swin.SwinUNETRNet"
     weights = torch.load(pre / "ssl3d_monai_swinunetrPlans__pretrained_weights.pth", weights_only=False)
-    expected = convert_swin_state(swin.state_dict(), XYZ_TO_ZYX, (7, 7, 7))
+    expected = convert_swin_state(swin.state_dict(), XYZ_TO_ZYX, (7, 7, 7), "monai<1.5", "merging")
     for k, v in expected.items():
         assert torch.equal(weights["network_weights"]["swinViT." + k], v), k
     out = tmp_path / "res" / "Dataset802_SynthCTOrgans" / "SSLFinetuneTrainer__ssl3d_monai_swinunetrPlans__3d_fullres"

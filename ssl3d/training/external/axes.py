@@ -21,9 +21,11 @@ import torch
 from ssl3d.utils import BadInputError
 
 AXIS_ORDERS = ("xyz", "zyx")
-# MONAI's PatchMerging ("merging", as in v0.9) concatenates the 8 offsets in this order; PatchMergingV2 in
-# itertools.product order
+# The 8 sub-voxel offsets (along the network's array axes) each patch merging concatenates, in order.
+# "monai<1.5": MONAI's PatchMerging until 1.4 (what SwinUNETR/Pretrain and the public SSL weights used): 010 and
+# 001 twice, 110 and 011 never (fixed in MONAI 1.5, PR 8285); "merging": MONAI >= 1.5; "mergingv2": PatchMergingV2.
 MERGING_OFFSETS = {
+    "monai<1.5": [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1)],
     "merging": [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)],
     "mergingv2": list(itertools.product(range(2), repeat=3)),
 }
@@ -80,35 +82,80 @@ def permute_relative_position_table(table: torch.Tensor, window_size: Sequence[i
     return grid.permute(*(int(p) for p in perm), 3).reshape(table.shape).contiguous()
 
 
-def merging_block_order(perm: Sequence[int], variant: str = "merging") -> list[int]:
-    """For each channel block of the converted patch merging, the block of the original it takes."""
-    if variant not in MERGING_OFFSETS:
-        raise AxisOrderError(f"unknown patch merging {variant!r}; choose one of {', '.join(MERGING_OFFSETS)}")
-    offsets = MERGING_OFFSETS[variant]
-    order = []
-    for t in offsets:  # target slot offset t along target axes; source axis perm[k] carries t[k]
-        src = [0, 0, 0]
-        for k, p in enumerate(perm):
-            src[int(p)] = t[k]
-        order.append(offsets.index(tuple(src)))
-    return order
+def merging_offsets(variant) -> list[tuple[int, int, int]]:
+    """A named order (``MERGING_OFFSETS``), an explicit offset list, or a MONAI merging class, whose order is
+    read off its forward (the input its LayerNorm sees for a 2x2x2 map holding each voxel's offset code)."""
+    if isinstance(variant, str):
+        if variant not in MERGING_OFFSETS:
+            raise AxisOrderError(f"unknown patch merging {variant!r}; choose one of {', '.join(MERGING_OFFSETS)}")
+        return MERGING_OFFSETS[variant]
+    if isinstance(variant, type):
+        module, seen = variant(dim=1, spatial_dims=3), []
+        hook = module.norm.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].reshape(-1)))
+        code = torch.tensor([4.0 * a + 2 * b + c for a, b, c in itertools.product(range(2), repeat=3)])
+        with torch.no_grad():
+            module(code.reshape(1, 2, 2, 2, 1))
+        hook.remove()
+        return [(int(v) // 4, int(v) // 2 % 2, int(v) % 2) for v in seen[0].tolist()]
+    return [tuple(int(a) for a in o) for o in variant]
 
 
-def permute_merging_blocks(x: torch.Tensor, perm: Sequence[int], variant: str = "merging",
-                           dim: int = -1) -> torch.Tensor:
-    """A patch-merging tensor whose ``dim`` has 8 channel blocks (LayerNorm weight/bias, reduction input)."""
-    n = x.shape[dim]
-    if n % 8:
-        raise AxisOrderError(f"patch-merging tensor of shape {tuple(x.shape)}: axis {dim} is not 8 blocks")
-    dim = dim % x.dim()
-    blocks = x.reshape(*x.shape[:dim], 8, n // 8, *x.shape[dim + 1:])
-    idx = torch.tensor(merging_block_order(perm, variant), device=x.device)
-    return blocks.index_select(dim, idx).reshape(x.shape).contiguous()
+def _source_offset(target_offset, perm: Sequence[int]) -> tuple[int, int, int]:
+    src = [0, 0, 0]
+    for k, p in enumerate(perm):  # target axis k is source axis perm[k]
+        src[int(p)] = target_offset[k]
+    return tuple(src)  # type: ignore[return-value]
+
+
+def merging_block_order(perm: Sequence[int], variant="merging") -> list[int]:
+    """For each channel block of the converted patch merging, the block of the original it takes (one order
+    on both sides: a pure permutation)."""
+    offsets = merging_offsets(variant)
+    return [offsets.index(_source_offset(t, perm)) for t in offsets]
+
+
+def convert_patch_merging(norm_weight: torch.Tensor, norm_bias: torch.Tensor, reduction: torch.Tensor,
+                          perm: Sequence[int], source="merging", target="merging") -> tuple[torch.Tensor, ...]:
+    """Patch-merging LayerNorm (8C) and reduction (2C, 8C) trained with ``source``'s slices for a network
+    concatenating ``target``'s slices of the ``perm``-permuted array. Returns (weight, bias, reduction, exact).
+
+    Each target block takes the source block of the same offset. An offset the source concatenated twice is
+    folded into one block (its LayerNorm scales moved into the reduction, the shifts' constant output carried by
+    a block whose offset the source never saw: LayerNorm weight 0, bias 1 on one channel). The linear part is
+    then exact; the LayerNorm statistics are equal only when both sides concatenate the same offsets
+    (``exact``), which MONAI < 1.5 weights in a MONAI >= 1.5 network never do."""
+    src, tgt = merging_offsets(source), merging_offsets(target)
+    c = norm_weight.numel() // 8
+    if norm_weight.numel() != 8 * c or reduction.dim() != 2 or reduction.shape[1] != 8 * c:
+        raise AxisOrderError(f"patch merging of shapes {tuple(norm_weight.shape)}, {tuple(reduction.shape)} is not "
+                             f"8 blocks")
+    g, b, r = norm_weight.reshape(8, c), norm_bias.reshape(8, c), reduction.reshape(-1, 8, c)
+    ng, nb, nr = torch.zeros_like(g), torch.zeros_like(b), torch.zeros_like(r)
+    const, unseen = torch.zeros(r.shape[0], dtype=r.dtype), []
+    for t, offset in enumerate(tgt):
+        blocks = [s for s, o in enumerate(src) if o == _source_offset(offset, perm)]
+        if len(blocks) == 1:
+            ng[t], nb[t], nr[:, t] = g[blocks[0]], b[blocks[0]], r[:, blocks[0]]
+        elif not blocks:
+            unseen.append(t)  # LayerNorm weight/bias 0 and no reduction: contributes nothing
+        else:
+            ng[t] = 1.0
+            nr[:, t] = sum(r[:, s] * g[s] for s in blocks)
+            const += sum(r[:, s] @ b[s] for s in blocks)
+    if const.abs().max() > 0:
+        if not unseen:
+            raise AxisOrderError("patch merging: no free block to carry the folded LayerNorm shifts")
+        nb[unseen[0], 0], nr[:, unseen[0], 0] = 1.0, const
+    exact = sorted(src) == sorted(_source_offset(t, perm) for t in tgt)
+    return ng.reshape(norm_weight.shape), nb.reshape(norm_bias.shape), nr.reshape(reduction.shape), exact
 
 
 def convert_swin_state(state: dict[str, torch.Tensor], perm: Sequence[int], window_size: Sequence[int],
-                       merging: str = "merging") -> dict[str, torch.Tensor]:
-    """A MONAI ``SwinTransformer`` state_dict (its own key names) for arrays permuted by ``perm``.
+                       source_merging="merging", target_merging="merging",
+                       report: dict | None = None) -> dict[str, torch.Tensor]:
+    """A MONAI ``SwinTransformer`` state_dict (its own key names) for arrays permuted by ``perm``, its patch
+    mergings trained with ``source_merging``'s slices and loaded into ``target_merging``'s
+    (:func:`convert_patch_merging`; ``report["inexact_merging"]`` lists those whose statistics differ).
 
     Every key is classified (kernel, bias table, position index, merging block, channel-only); a key of
     unknown role is refused, since converting it by guess could silently break the encoder.
@@ -116,21 +163,34 @@ def convert_swin_state(state: dict[str, torch.Tensor], perm: Sequence[int], wind
     perm = tuple(int(p) for p in perm)
     if sorted(perm) != [0, 1, 2]:
         raise AxisOrderError(f"{perm} is not a permutation of the three spatial axes")
-    if perm == (0, 1, 2):
+    same_merging = merging_offsets(source_merging) == merging_offsets(target_merging)
+    if perm == (0, 1, 2) and same_merging:
+        if report is not None:
+            report["inexact_merging"] = []
         return dict(state)
     if tuple(int(window_size[p]) for p in perm) != tuple(int(w) for w in window_size):
         raise AxisOrderError(f"Swin window {tuple(window_size)} is not cubic: the converted encoder would need "
                              f"window {tuple(int(window_size[p]) for p in perm)}, which the downstream network lacks")
-    out = {}
+    out, inexact = {}, []
+    for k in sorted(k for k in state if k.endswith(".downsample.reduction.weight")):
+        root = k[: -len("reduction.weight")]
+        try:
+            w, b, r = state[root + "norm.weight"], state[root + "norm.bias"], state[k]
+        except KeyError as e:
+            raise AxisOrderError(f"patch merging {root[:-1]} lacks {e.args[0]}") from None
+        *converted, exact = convert_patch_merging(w, b, r, perm, source_merging, target_merging)
+        out.update(zip((root + "norm.weight", root + "norm.bias", k), converted))
+        if not exact:
+            inexact.append(root[:-1])
+    if report is not None:
+        report["inexact_merging"] = inexact
     for k, v in state.items():
+        if k in out:
+            continue
         if k.endswith("relative_position_bias_table"):
             out[k] = permute_relative_position_table(v, window_size, perm)
         elif k.endswith("relative_position_index"):
             out[k] = v  # structure (offset -> table row), identical for a cubic window
-        elif ".downsample." in k and k.endswith(("norm.weight", "norm.bias")):
-            out[k] = permute_merging_blocks(v, perm, merging)
-        elif ".downsample." in k and k.endswith("reduction.weight"):
-            out[k] = permute_merging_blocks(v, perm, merging, dim=1)
         elif v.dim() == 5 and k.endswith("weight"):
             out[k] = permute_conv_kernel(v, perm)
         elif _CHANNEL_ONLY.search(k):

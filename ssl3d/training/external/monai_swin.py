@@ -18,6 +18,11 @@ Axis order: MONAI's pipeline (``LoadImage`` + ``Orientation("RAS")``) feeds (X, 
 (Z, Y, X). The default assumes the MONAI order and converts (``axes.convert_swin_state``); ``axis_order="zyx"``
 (argument, or an ``"axis_order"`` entry in the file) loads a checkpoint trained on (Z, Y, X) arrays as it is.
 
+Patch merging: the public weights were trained with MONAI < 1.5, whose ``PatchMerging`` concatenated offsets
+010 and 001 twice and 110, 011 never; MONAI >= 1.5 (installed) concatenates all 8. MONAI's own ``load_from``
+copies the blocks by position, i.e. feeds 3 of them other offsets; here each block follows its offset
+(``axes.convert_patch_merging``), exact up to the LayerNorm statistics, which cannot match (logged).
+
 Plans follow the public weights' recipe (research-contributions SwinUNETR/Pretrain and BTCV): CT clipped to
 [-1000, 1000] HU and mapped to [0, 1] (``ScaleIntensityRanged``), 96^3 patches, 1.5 x 1.5 x 2.0 mm (x, y, z;
 the scripts' declared spacing, applied by the fine-tuning recipe; pretraining itself did not resample), i.e.
@@ -30,9 +35,11 @@ import re
 from pathlib import Path
 
 import torch
+from monai.networks.nets.swin_unetr import MERGING_MODE
 
 from ssl3d.planning.planner import CONFIGURATION, build_plans
-from ssl3d.training.external.axes import AXIS_ORDERS, AxisOrderError, axis_permutation, convert_swin_state
+from ssl3d.training.external.axes import (AXIS_ORDERS, MERGING_OFFSETS, AxisOrderError, axis_permutation,
+                                          convert_swin_state, merging_offsets)
 from ssl3d.training.external.source import PretrainedSource, register_format
 from ssl3d.utils import BadInputError
 
@@ -40,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 KIND = "monai_swinunetr"
 SOURCE_AXIS_ORDER = "xyz"  # what MONAI's SSL weights were trained on
+SOURCE_MERGING = "monai<1.5"  # SwinUNETR/Pretrain pins a 2022 MONAI: PatchMerging with duplicated slices
 RECIPE = {"spacing_zyx": (2.0, 1.5, 1.5), "ct_window": (-1000.0, 1000.0), "patch_size": (96, 96, 96)}
 PREFIX = "swinViT."  # SwinUNETRNet's encoder module
 _STAGES = ("layers1", "layers2", "layers3", "layers4")
@@ -170,12 +178,16 @@ def _patch_size(value, path: Path) -> tuple[int, int, int]:
     return patch  # type: ignore[return-value]
 
 
-def load_monai_swin(path: Path, obj: dict, axis_order: str | None = None) -> PretrainedSource:
+def load_monai_swin(path: Path, obj: dict, axis_order: str | None = None,
+                    merging_order: str | None = None) -> PretrainedSource:
     """A MONAI SwinUNETR SSL checkpoint as a :class:`PretrainedSource` for ``SwinUNETRNet``.
 
     ``axis_order``: the array order the weights were trained on (``"xyz"``: MONAI, converted to nnU-Net's
     (Z, Y, X); ``"zyx"``: loaded as they are). Default: the file's ``"axis_order"`` entry, else ``"xyz"``.
     A ``"patch_size"`` entry (z, y, x) replaces the recipe's 96^3 for weights pretrained on another ROI.
+    ``merging_order``: the patch-merging slices the weights were trained with (``axes.MERGING_OFFSETS``; default
+    the file's ``"merging_order"``, else ``"monai<1.5"``, what the public weights used), converted to those of
+    the installed MONAI's ``PatchMerging`` that ``SwinUNETRNet`` builds.
     """
     path = Path(path)
     state = raw_state(obj)
@@ -185,27 +197,37 @@ def load_monai_swin(path: Path, obj: dict, axis_order: str | None = None) -> Pre
     if order not in AXIS_ORDERS:
         raise BadInputError(path, f"axis order {order!r}: choose one of {', '.join(AXIS_ORDERS)}")
     patch = _patch_size(obj.get("patch_size", RECIPE["patch_size"]), path)
+    trained_merging = merging_order or obj.get("merging_order") or SOURCE_MERGING
+    if trained_merging not in MERGING_OFFSETS:
+        raise BadInputError(path, f"merging order {trained_merging!r}: choose one of {', '.join(MERGING_OFFSETS)}")
     encoder, skipped = split_swin_keys(state)
     arch, n_channels = swin_architecture(encoder, path)
     perm = axis_permutation(order, "zyx")
     try:
-        converted = convert_swin_state(encoder, perm, (arch["window_size"],) * 3)
+        report: dict = {}
+        converted = convert_swin_state(encoder, perm, (arch["window_size"],) * 3, trained_merging,
+                                       merging_offsets(MERGING_MODE["merging"]), report)
     except AxisOrderError as e:
         raise AxisOrderError(e.problem, path) from None
     inexact = shrunk_window_stages(patch, arch["window_size"]) if perm != (0, 1, 2) else []
     if inexact:
-        logger.warning("%s: (X, Y, Z) -> (Z, Y, X) is exact except the attention bias of %s: at a %s patch their "
-                       "maps are smaller than the %d^3 window, where MONAI indexes the bias by raster position",
+        logger.warning("%s: (X, Y, Z) -> (Z, Y, X) cannot be exact for the attention bias of %s: at a %s patch "
+                       "their maps are smaller than the %d^3 window, where MONAI indexes the bias by raster position",
                        path, ", ".join(inexact), "x".join(map(str, patch)), arch["window_size"])
+    if report["inexact_merging"]:
+        logger.warning("%s: patch merging trained on %s slices, the installed MONAI concatenates other offsets: "
+                       "linear part mapped by offset, LayerNorm statistics differ (%s)", path,
+                       trained_merging, ", ".join(report["inexact_merging"]))
     if skipped:
         logger.info("%s: %d tensors outside the Swin encoder not imported (e.g. %s)", path, len(skipped), skipped[:3])
     architecture = {"network_class_name": "ssl3d.architectures.swin.SwinUNETRNet", "arch_kwargs": arch,
                     "_kw_requires_import": []}
     info = {"name": KIND, "axis_order": order, "axis_permutation": list(perm), "converted": perm != (0, 1, 2),
-            "inexact_stages": inexact, "skipped_keys": skipped, "in_proj_keys": [PREFIX + "patch_embed.proj.weight"],
+            "inexact_stages": inexact, "merging_order": trained_merging, "inexact_merging": report["inexact_merging"],
+            "skipped_keys": skipped, "in_proj_keys": [PREFIX + "patch_embed.proj.weight"],
             "recipe": {**{k: list(v) for k, v in RECIPE.items()}, "patch_size": list(patch)}}
-    return PretrainedSource(KIND, path, KIND, recipe_plans(n_channels, patch), architecture, patch, n_channels, {PREFIX + k: v for k, v in converted.items()},
-                            None, info)
+    return PretrainedSource(KIND, path, KIND, recipe_plans(n_channels, patch), architecture, patch, n_channels,
+                            {PREFIX + k: v for k, v in converted.items()}, None, info)
 
 
 register_format(KIND, sniff, load_monai_swin)
