@@ -305,3 +305,15 @@ def test_lesions_and_liver_shift_leave_the_rest_of_the_case_unchanged():
         assert changed[liver].mean() > 0.5
         # outside the liver only the blurred rim can change (Gaussian truncated at 4 sigma <= 3.2 voxels)
         assert (changed & ~ndimage.binary_dilation(liver, np.ones((3, 3, 3), bool), iterations=4)).sum() == 0
+
+
+def test_easy_fatty_liver_task_darkens_the_liver_by_150_to_200_hu(tmp_path):
+    from ssl3d.data.synthetic_cls import write_classification_dataset
+
+    folder = write_classification_dataset(tmp_path, "fatty-liver-easy", n=4, seed=1, size="tiny", dataset_id=804,
+                                          progress=False)
+    assert folder.name == "Dataset804_SynthCTFattyLiverEasy"
+    dj = json.loads((folder / "dataset.json").read_text())
+    shifts, labels = dj["ssl3d_liver_hu_shift"], dj["ssl3d_case_labels"]
+    assert sum(labels.values()) == 2
+    assert all((-200 <= shifts[c] <= -150) if y else shifts[c] == 0 for c, y in labels.items())

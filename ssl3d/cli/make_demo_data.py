@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeled-name", default="SynthCTOrgans", help="dataset name of the labeled set")
     p.add_argument("--classification", choices=sorted(CLS_TASKS), default=None,
                    help="also write a case-classification dataset (fatty-liver: liver 30-60 HU darker in about half "
-                        "the cases; classes in cases.csv and dataset.json)")
+                        "the cases; fatty-liver-easy: 150-200 HU darker, a sanity check; classes in cases.csv and "
+                        "dataset.json)")
     p.add_argument("-nc", "--n-classification", type=V.positive_int, default=16,
                    help="cases in the classification dataset (default 16)")
     p.add_argument("-dc", "--classification-id", type=int, default=803,

@@ -4,7 +4,8 @@
 steatosis lowers liver attenuation by roughly 1.5-2.5 HU per percent fat), class 0 ("normal") keep it. Noise
 (10-25 HU), texture, the other organs (spleen 45-50 HU native) and the anatomy vary per case as usual, so the
 task is learnable (a large organ is clearly darker) but not trivial (it needs the liver, not a global mean, and
-the per-case noise and body composition overlap the shift).
+the per-case noise and body composition overlap the shift). ``fatty-liver-easy`` shifts by 150-200 HU instead: a
+sanity task any working classifier must solve.
 
 Layout (nnU-Net raw): ``DatasetXXX_SynthCTFattyLiver/imagesTr/liver_0000_0000.nii.gz``, ``dataset.json`` with
 ``ssl3d_case_labels`` ({case: class}) and ``ssl3d_classes`` ({"0": "normal", "1": "fatty"}), and
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 CLS_TASKS: dict[str, dict] = {
     "fatty-liver": {"name": "SynthCTFattyLiver", "prefix": "liver", "classes": {"0": "normal", "1": "fatty"},
                     "shift_hu": (30.0, 60.0)},
+    # a check that the pipeline can solve its own task at all: the liver 150-200 HU darker (below fat-free tissue)
+    "fatty-liver-easy": {"name": "SynthCTFattyLiverEasy", "prefix": "liver", "classes": {"0": "normal", "1": "fatty"},
+                         "shift_hu": (150.0, 200.0)},
 }
 _SUBSET = 2  # random-stream subset of the classification cases (0: pool, 1: organ set)
 
