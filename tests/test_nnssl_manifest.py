@@ -1,6 +1,7 @@
 """nnssl pretrain_data.json manifests as ssl_plan_and_preprocess input: collections -> ... -> images, root
 variables, relative paths, anatomy masks as the body mask, one-line errors."""
 import json
+import os
 import pickle
 
 import blosc2
@@ -91,6 +92,16 @@ def test_two_collections_become_one_pool_with_the_anatomy_mask_as_body(two_colle
     np.testing.assert_array_equal(seg[0], two_collections["box"].astype(np.int8))
     other = blosc2.open(str(data_dir / "Dataset001_A__ds1__sub-01__ses-1__ct_seg.b2nd"), mode="r")[:]
     assert other.sum() > two_collections["box"].sum()  # the intensity rule (body outline), not a box
+    # a replaced anatomy mask is picked up by a rerun (the plans are unchanged); the other cases are kept
+    smaller = two_collections["box"].copy()
+    smaller[:, :, 10:] = 0
+    write_image(two_collections["b"].parent / "imgs" / "scan_anat.nii.gz", smaller, SPACING_XYZ)
+    os.utime(two_collections["b"].parent / "imgs" / "scan_anat.nii.gz", (1e9, 1e9))
+    rc = plan_main(["--manifest", str(two_collections["a"]), str(two_collections["b"]), "-o", str(out), "-od", "950",
+                    "-np", "1", "--no-progress", "--spacing", "4.0", "0.8", "0.8", "--patch-size", "8", "16", "16"])
+    assert rc == 0
+    seg = blosc2.open(str(data_dir / f"{cid}_seg.b2nd"), mode="r")[:]
+    np.testing.assert_array_equal(seg[0], smaller.astype(np.int8))
 
 
 def test_missing_file_is_one_line_and_writes_nothing(two_collections, capsys):

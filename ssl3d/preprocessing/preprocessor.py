@@ -127,6 +127,20 @@ def _is_done(out_dir: Path, case_id: str, phash: str) -> bool:
     return case_problem(out_dir, case_id, phash) is None
 
 
+def _body_mask_signature(case: CaseSource) -> list | None:
+    path = case.extra.get("anatomy_mask")
+    return None if not path else [str(path), os.path.getsize(path), int(os.path.getmtime(path))]
+
+
+def _body_mask_changed(out_dir: Path, case: CaseSource) -> bool:
+    """A case whose anatomy mask was replaced since it was preprocessed (the plans hash does not see masks)."""
+    sig = _body_mask_signature(case)
+    if sig is None:
+        return False
+    with open(Path(out_dir) / f"{case.case_id}.pkl", "rb") as f:
+        return pickle.load(f).get("ssl3d_body_mask") != sig
+
+
 def remove_case(out_dir: Path, case_id: str) -> None:
     """Delete a case's outputs, pkl first (without it the case counts as unfinished)."""
     for suffix in (".pkl", *ARRAY_SUFFIXES):
@@ -152,6 +166,7 @@ def preprocess_case(case: CaseSource, plans: dict, configuration: str, out_dir: 
     props["class_locations"] = DefaultPreprocessor._sample_foreground_locations(seg, [1], seed=1234, verbose=False)
     props["ssl3d_plans_hash"] = phash
     props["source_files"] = case.to_manifest()["source_files"]
+    props["ssl3d_body_mask"] = _body_mask_signature(case)
     patch = tuple(plans["configurations"][configuration]["patch_size"])
     blocks, chunks = comp_blosc2_params(data.shape, patch, data.itemsize)
     blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch, seg.itemsize)
@@ -185,7 +200,7 @@ def run_preprocessing(cases: Sequence[CaseSource], plans: dict, configuration: s
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)  # leftovers of a killed run
     phash = plans_hash(plans, configuration)
-    todo = [c for c in cases if not _is_done(out_dir, c.case_id, phash)]
+    todo = [c for c in cases if not _is_done(out_dir, c.case_id, phash) or _body_mask_changed(out_dir, c)]
     finished = [c.case_id for c in cases if c not in todo]
     if finished:
         logger.info("%d of %d cases already preprocessed with these plans; skipping them", len(finished), len(cases))
