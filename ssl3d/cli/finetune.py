@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", "--final-val", dest="final_val", action=argparse.BooleanOptionalAction, default=None,
                    help="nnU-Net's final sliding-window validation of the fold's validation cases, with progress "
                         "(default: on for cuda, off on CPU/MPS, where it takes far longer than a short training)")
+    p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU speed-ups that leave the batches, network and loss unchanged: torch threads = the cores "
+                        "the augmentation workers leave free, progress.png only at the end, no checkpoint_best.pth "
+                        "(default: on for cpu, off for cuda/mps)")
+    p.add_argument("--checkpoints-at", type=V.unit_fraction, nargs="+", default=None, metavar="F",
+                   help="also write checkpoint_ep<E>.pth after these fractions of the epochs (e.g. 0.25 0.5)")
     p.add_argument("--prepare-only", action="store_true", help="plan, preprocess and export; do not train")
     return p
 
@@ -62,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from ssl3d.training.export import write_downstream_weights
+    from ssl3d.training.finetune_schedule import CPU_SPEED_OPTIONS
     from ssl3d.training.external import for_downstream, load_pretrained
     from ssl3d.training.external.source import complete_plans
 
@@ -97,7 +104,9 @@ def _run(args: argparse.Namespace) -> int:
         "fraction": args.fraction, "seed": args.seed, "batch_size": args.batch_size,
         "freeze_encoder": args.freeze_encoder or None,
         "final_validation": args.device == "cuda" if args.final_val is None else args.final_val,
-        "pretrained_from": str(ckpt), "method": source.method_name}.items() if v is not None}
+        "pretrained_from": str(ckpt), "method": source.method_name, "checkpoints_at": args.checkpoints_at,
+        **(CPU_SPEED_OPTIONS if (args.device == "cpu" if args.lean is None else args.lean) else {})}.items()
+        if v is not None}
     plans = finetune_plans(source.plans, source.architecture, dataset, plans_name, options, source.patch_size)
 
     target = pre_root / dataset

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from ssl3d.evaluation.convergence import convergence_section
 from ssl3d.evaluation.protocol import SCRATCH, scratch_label
 from ssl3d.evaluation.stats import paired_difference, summarize
 from ssl3d.utils import atomic_write, save_figure, write_json
@@ -250,8 +251,10 @@ def write_reports(out: Path, results: list[dict], failures: list[dict], pretrain
                "difference_to_scratch": diffs}
     if cka is not None:
         summary["cka"] = cka
+    convergence_md, summary["convergence"] = convergence_section(out, results, lambda r: curve_label(r, methods))
     write_json(out / "results.json", summary)
-    md = markdown_table(agg, n_trainable, n_test, setting) + _tolerance_md(results) + _pretraining_md(pretraining)
+    md = markdown_table(agg, n_trainable, n_test, setting) + _tolerance_md(results) + convergence_md
+    md += _pretraining_md(pretraining)
     if cka:
         md += "\nFeature reuse (linear CKA, pretrained vs fine-tuned encoder, mean over seeds): see cka.png / cka.json\n"
     md += _failures_md(failures)

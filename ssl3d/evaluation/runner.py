@@ -23,6 +23,7 @@ from ssl3d.data.case_labels import fold_split, label_subset, read_case_labels
 from ssl3d.data.labeled import (check_cases, check_encoder_channels, check_images, check_labeled_dataset,
                                 encoder_channels, label_values)
 from ssl3d.data.readers import discover_inputs, find_raw_dataset
+from ssl3d.evaluation.convergence import score_curve
 from ssl3d.evaluation.protocol import (CLS_PRESETS, PRESETS, PRETRAIN_KEYS, Arm, ClsArm, HeldOutSplit, arm_record,
                                        plan_arms, plan_cls_arms, split_test, training_cases)
 from ssl3d.evaluation.report import write_cls_reports, write_reports
@@ -220,22 +221,39 @@ class Benchmark:
         cmd += ["--scratch"] if arm.scratch else []
         cmd += ["--freeze-encoder"] if arm.mode == "frozen" else []
         cmd += ["--lr", str(s["ft_lr"])] if s["ft_lr"] else []
+        cmd += ["--checkpoints-at", *map(str, s["ft_checkpoints_at"])] if s.get("ft_checkpoints_at") else []
         t0 = time.time()
         if run_nnunet(cmd, log_file=log, env_overrides=env, pass_fds=self.lock_fds) != 0:
             raise BenchmarkStepError(f"fine-tuning {arm.id} failed; see {log}")
         t1 = time.time()
         plans = f"ssl3d_{pretrained.get('plans_method', arm.base)}Plans" + ("_scratch" if arm.scratch else "")
         pred = folder / "predictions"
-        cmd = ["nnUNetv2_predict", "-i", str(self.out / "test" / "images"), "-o", str(pred), "-d", self.labeled,
-               "-c", "3d_fullres", "-p", plans, "-tr", "SSLFinetuneTrainer", "-f", "0", "-chk",
-               "checkpoint_final.pth", "-device", self.cfg.device, "-npp", "1", "-nps", "1"]
-        cmd += [] if s["tta"] else ["--disable_tta"]
-        if run_nnunet(cmd, log_file=log, env_overrides=env, pass_fds=self.lock_fds) != 0:
-            raise BenchmarkStepError(f"prediction {arm.id} failed; see {log}")
+        self.predict(arm, plans, "checkpoint_final.pth", pred, env, log)
         t2 = time.time()
         scores = self.evaluate(pred)
+        curve = self.convergence_curve(arm, plans, folder, env, log, scores) if s.get("ft_checkpoints_at") else None
         return {"train_cases": training_cases(self.split, arm), "plans": plans, **scores,
-                "finetune_s": round(t1 - t0, 1), "predict_s": round(t2 - t1, 1), "log": str(log)}
+                **({"curve": curve} if curve else {}), "finetune_s": round(t1 - t0, 1),
+                "predict_s": round(t2 - t1, 1), "log": str(log)}
+
+    def predict(self, arm: Arm, plans: str, checkpoint: str, pred: Path, env: dict, log: Path) -> None:
+        """Stock ``nnUNetv2_predict`` of the held-out test images with one checkpoint of the arm's fold."""
+        cmd = ["nnUNetv2_predict", "-i", str(self.out / "test" / "images"), "-o", str(pred), "-d", self.labeled,
+               "-c", "3d_fullres", "-p", plans, "-tr", "SSLFinetuneTrainer", "-f", "0", "-chk",
+               checkpoint, "-device", self.cfg.device, "-npp", "1", "-nps", "1"]
+        cmd += [] if self.s["tta"] else ["--disable_tta"]
+        if run_nnunet(cmd, log_file=log, env_overrides=env, pass_fds=self.lock_fds) != 0:
+            raise BenchmarkStepError(f"prediction {arm.id} ({checkpoint}) failed; see {log}")
+
+    def convergence_curve(self, arm: Arm, plans: str, folder: Path, env: dict, log: Path, final: dict) -> list[dict]:
+        """Held-out Dice of the arm's intermediate checkpoints (``ft_checkpoints_at``), then of its final one."""
+        fold = folder / "nnUNet_results" / self.labeled / f"SSLFinetuneTrainer__{plans}__3d_fullres" / "fold_0"
+
+        def score(ckpt: Path) -> dict:
+            pred = folder / f"predictions_{ckpt.stem.rsplit('_', 1)[-1]}"
+            self.predict(arm, plans, ckpt.name, pred, env, log)
+            return self.evaluate(pred)
+        return score_curve(fold, self.s["ft_epochs"], self.s["ft_iters"], final, score)
 
     def evaluate(self, pred: Path) -> dict:
         """Per-case and mean Dice (nnU-Net's evaluation), NSD and HD95 (MONAI) per class on the test cases."""

@@ -12,12 +12,18 @@ Options live in the plans (``configurations[c]["ssl3d_finetune"]``, written by `
   CPU); when it runs, every case's log line carries the count, elapsed time and ETA;
 * ``seed``: initialisation, few-shot order, data order and augmentation workers seeded (reproducible runs);
 * ``freeze_encoder``: the encoder stays exactly as loaded (frozen-encoder probe; see ``freeze.py``), only decoder
-  and head train.
+  and head train;
+* ``checkpoints_at``: fractions of ``num_epochs`` (e.g. ``[0.25, 0.5]``) after which ``checkpoint_ep<E>.pth`` is
+  written (atomically) for convergence curves; the final checkpoint is the 100 % point;
+* speed on CPU (none changes the batches, the network or the loss): ``torch_threads`` (``"auto"``: the cores
+  the augmentation workers leave free), ``plot_every`` (0: ``progress.png`` once at the end), ``save_best``
+  (False: no ``checkpoint_best.pth`` on every pseudo-Dice improvement); see ``finetune_schedule.CPU_SPEED_OPTIONS``.
 
 Transformer/single-output traits of the downstream network come from the method registry.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -25,6 +31,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from ssl3d.training.checkpoints import AtomicCheckpointMixin
+from ssl3d.training.finetune_schedule import checkpoint_epochs, free_cores_for_torch, intermediate_checkpoint_name
 from ssl3d.training.finetuning.freeze import encoder_parameters, freeze_encoder_mode, set_encoder_trainable
 from ssl3d.training.methods import spec_for_network
 from ssl3d.training.seeding import derive_seed, seed_everything, seeded_nnunet_augmenters
@@ -78,6 +85,10 @@ class SSLFinetuneTrainer(AtomicCheckpointMixin, TrainerInitMixin, nnUNetTrainer)
         self.encoder_lr_factor = float(self.ft.get("encoder_lr_factor", 1.0))
         self.save_every = int(self.ft.get("save_every", self.save_every))
         self.seed = int(self.ft.get("seed", DEFAULT_SEED))
+        self.checkpoint_epochs = checkpoint_epochs(self.num_epochs, self.ft.get("checkpoints_at", []))
+        self.plot_every = int(self.ft.get("plot_every", 1))
+        self.save_best = bool(self.ft.get("save_best", True))
+        self.torch_threads = self.ft.get("torch_threads")
         self.freeze_encoder = bool(self.ft.get("freeze_encoder", False))
         spec = spec_for_network(self.configuration_manager.network_arch_class_name)
         if spec is not None and spec.single_output:  # no multi-scale outputs: deep supervision off
@@ -99,7 +110,44 @@ class SSLFinetuneTrainer(AtomicCheckpointMixin, TrainerInitMixin, nnUNetTrainer)
 
     def initialize(self):
         seed_everything(derive_seed(self.seed, "init"))  # same initial weights for the same seed
+        if self.torch_threads is not None and self.device.type == "cpu":
+            # torch's default (all cores) oversubscribes the core the augmentation worker needs: on 2 cores with one
+            # worker, 2 intra-op threads make forward/backward 2-4x slower than 1 (benchmarks/finetune_profile.py)
+            from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+            n = self.torch_threads
+            torch.set_num_threads(free_cores_for_torch(get_allowed_n_proc_DA()) if n == "auto" else int(n))
+            self.print_to_log_file(f"torch intra-op threads: {torch.get_num_threads()}")
         super().initialize()
+        if self.plot_every != 1:
+            # nnU-Net redraws progress.png (matplotlib + seaborn, ~0.5-2 s on 2 cores) after every epoch of a few
+            # iterations; drawing every plot_every-th epoch (0: at the end) plots the same logged values
+            self._plot_progress_png = self.logger.plot_progress_png
+            self.logger.plot_progress_png = self._maybe_plot_progress
+
+    def _maybe_plot_progress(self, output_folder: str) -> None:
+        if self.plot_every > 0 and (self.current_epoch + 1) % self.plot_every == 0:
+            self._plot_progress_png(output_folder)
+
+    def save_checkpoint(self, filename: str) -> None:
+        # checkpoint_best (written on most epochs of a short run) is never read by the benchmark, which predicts
+        # from checkpoint_final; skipping it saves a full network + optimizer write per epoch
+        if not self.save_best and os.path.basename(filename) == "checkpoint_best.pth":
+            return
+        super().save_checkpoint(filename)
+
+    def on_epoch_end(self):
+        super().on_epoch_end()  # increments current_epoch
+        done = self.current_epoch
+        if done in self.checkpoint_epochs:
+            self.current_epoch -= 1  # nnU-Net stores current_epoch + 1 (as in its on_train_end)
+            self.save_checkpoint(os.path.join(self.output_folder, intermediate_checkpoint_name(done)))
+            self.current_epoch += 1
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.plot_every != 1 and self.local_rank == 0:
+            self._plot_progress_png(self.output_folder)  # the full curve once
 
     def get_dataloaders(self):
         seed_everything(derive_seed(self.seed, "data", self.local_rank))
@@ -138,8 +186,6 @@ class SSLFinetuneTrainer(AtomicCheckpointMixin, TrainerInitMixin, nnUNetTrainer)
 
     def _maybe_small_dataset_splits(self) -> None:
         """nnU-Net's 5-fold split needs >= 5 cases; tiny labeled sets get leave-one-out folds instead."""
-        import os
-
         from batchgenerators.utilities.file_and_folder_operations import save_json
 
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
