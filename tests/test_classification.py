@@ -12,7 +12,7 @@ import torch
 from conftest import subprocess_env
 from ssl3d.data.case_labels import fold_split, label_subset, read_case_labels, stratified_folds
 from ssl3d.training.finetuning.cls_metrics import (binary_auc, classification_metrics, fit_logistic_regression,
-                                                   predict_logistic)
+                                                   predict_logistic, probe_state)
 from ssl3d.utils import BadInputError
 
 BIN = Path(sys.executable).parent
@@ -63,13 +63,36 @@ def test_bad_labels_csv_names_the_file(tmp_path):
     assert str(csv_path) in e.value.line()
 
 
-def test_logistic_probe_separates_easy_task():
+def test_multiclass_auc_and_f1_skip_absent_classes():
+    # class 2 never occurs and is never predicted: its AUC is left out, its F1 is NaN (not 0)
+    y = [0, 0, 1, 1]
+    p = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.5, 0.4, 0.1]])
+    m = classification_metrics(y, p, ["a", "b", "c"])
+    assert m["auc"] == pytest.approx(np.mean([binary_auc([1, 1, 0, 0], p[:, 0]), binary_auc([0, 0, 1, 1], p[:, 1])]))
+    assert m["confusion_matrix"] == [[1, 1, 0], [1, 1, 0], [0, 0, 0]] and np.isnan(m["f1_per_class"]["c"])
+    assert m["macro_f1"] == pytest.approx(0.5) and m["balanced_accuracy"] == pytest.approx(0.5)
+    empty = classification_metrics([], np.zeros((0, 2)), ["a", "b"])
+    assert np.isnan(empty["auc"]) and np.isnan(empty["balanced_accuracy"]) and empty["n_cases"] == 0
+
+
+def test_logistic_probe_separates_easy_task_and_minimises_its_documented_objective():
     rng = np.random.default_rng(0)
     y = np.array([0, 1] * 20)
     x = rng.normal(size=(40, 8)) + 1.5 * y[:, None] * np.eye(8)[0]
-    model = fit_logistic_regression(x[:20], y[:20], 2)
-    probs = predict_logistic(model, x[20:])
-    assert binary_auc(y[20:], probs[:, 1]) > 0.8
+    model = fit_logistic_regression(x[:20], y[:20], l2=0.05)
+    probs = predict_logistic(model, x[20:], 2)
+    assert probs.shape == (20, 2) and binary_auc(y[20:], probs[:, 1]) > 0.8
+    # mean cross-entropy + l2 ||w||^2 on standardized features is stationary at sklearn's solution
+    state = probe_state(model)
+    z = torch.as_tensor((x[:20] - state["mean"].numpy()) / state["scale"].numpy())
+    w = state["coef"].clone().requires_grad_(True)
+    b = state["intercept"].clone().requires_grad_(True)
+    logit = z @ w[0] + b[0]
+    obj = torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.as_tensor(y[:20], dtype=z.dtype)) \
+        + 0.05 * (w ** 2).sum()
+    obj.backward()
+    assert float(w.grad.abs().max()) < 1e-4 and float(b.grad.abs().max()) < 1e-4
+    assert float(state["coef"][0, 0]) > 0.5 * float(state["coef"][0, 1:].abs().max()) + 0.1  # informative feature
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ held-out scoring. :func:`run_classification` is what ``ssl_finetune_cls`` (and a
   none) validates (model selection), the rest trains. Only the fold's held-out cases are scored.
 * ``linear``: the frozen pretrained encoder embeds every budget and held-out case (``embed_image``: sliding
   window; image-weighted global average ‖ maximum of the deepest map, as the classifier pools), an
-  L2-regularised logistic regression is fitted on the budget cases; no network training. Embeddings are cached
-  per case (resumable) in ``<Trainer>__<plans>__3d_fullres/embeddings/<encoder+plans hash>/`` (or
+  L2-regularised scikit-learn logistic regression is fitted on the budget cases; no network training. Embeddings
+  are cached per case (resumable) in ``<Trainer>__<plans>__3d_fullres/embeddings/<encoder+plans hash>/`` (or
   ``embedding_cache``), shared by every fold, budget and seed of that encoder.
 * Outputs in ``$nnUNet_results/<Dataset>/<Trainer>__<plans>__3d_fullres/fold_<K>[_n<budget>][_s<seed>]/``:
   ``predictions.csv`` (case_id, true, predicted, p_<class>...), ``metrics.json``, ``confusion_matrix.png``,
@@ -43,7 +43,7 @@ from ssl3d.preprocessing.preprocessor import plans_hash, run_preprocessing
 from ssl3d.training.external import for_downstream, load_pretrained
 from ssl3d.training.finetuning.classification import MODES, TRAINERS
 from ssl3d.training.finetuning.cls_metrics import (classification_metrics, fit_logistic_regression, predict_logistic,
-                                                   save_confusion_png)
+                                                   probe_state, save_confusion_png)
 from ssl3d.training.seeding import derive_seed
 from ssl3d.utils import DEFAULT_SEED, BadInputError, BadInputs, atomic_write, env_dir, read_json, write_json
 
@@ -211,10 +211,10 @@ def _linear_probe(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
         atomic_write(f, lambda fh, e=emb[k]: np.save(fh, e))
         logger.debug("embedded %s -> %s", k, f)
     y = [p["labels"][k] for k in p["budget"]]
-    model = fit_logistic_regression(np.stack([emb[k] for k in p["budget"]]), y, len(p["names"]), opts.l2)
-    atomic_write(out / "linear_probe.pth", lambda fh: torch.save({**model, "class_names": p["names"],
+    model = fit_logistic_regression(np.stack([emb[k] for k in p["budget"]]), y, opts.l2)
+    atomic_write(out / "linear_probe.pth", lambda fh: torch.save({**probe_state(model), "class_names": p["names"],
                                                                    "train_cases": p["budget"], "l2": opts.l2}, fh))
-    probs = predict_logistic(model, np.stack([emb[k] for k in p["test"]]))
+    probs = predict_logistic(model, np.stack([emb[k] for k in p["test"]]), len(p["names"]))
     return probs, out, {"train_cases": p["budget"], "val_cases": []}
 
 

@@ -1,46 +1,34 @@
-"""Classification metrics without scikit-learn: rank AUC (ties averaged), balanced accuracy, per-class F1,
-confusion matrix (and its PNG), an L2-regularised logistic regression for linear probes.
+"""Classification metrics from scikit-learn: AUC, balanced accuracy, per-class F1, confusion matrix (and its PNG),
+and the linear probe's L2-regularised logistic regression.
 
-AUC is the Mann-Whitney statistic: (sum of the positives' ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), with
-tied scores sharing their average rank (a tie between a positive and a negative counts 1/2). More than two
-classes: the macro mean of one-vs-rest AUCs over the classes that have both positives and negatives present.
-An undefined metric (one class only) is NaN, never a made-up number.
+AUC of two classes is ``roc_auc_score`` of class 1's probability; more classes: the macro mean of one-vs-rest
+AUCs over the classes that have both positives and negatives present (sklearn's ``multi_class="ovr"`` refuses
+a class missing from ``y_true``, which a small held-out fold has). An undefined metric (one class only) is NaN,
+never a made-up number.
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
 import torch
+from sklearn import metrics as skm
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from ssl3d.utils import save_figure
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values get the mean of the ranks they span."""
-    v = np.asarray(values, dtype=np.float64)
-    order = np.argsort(v, kind="mergesort")
-    ranks = np.empty(len(v), dtype=np.float64)
-    sorted_v = v[order]
-    i = 0
-    while i < len(v):
-        j = i
-        while j + 1 < len(v) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    return ranks
-
-
 def binary_auc(y_true: Sequence[int], score: Sequence[float]) -> float:
+    """Area under the ROC curve; NaN when only one class is present."""
     y = np.asarray(y_true).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    r = average_ranks(np.asarray(score, dtype=np.float64))
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(skm.roc_auc_score(y, np.asarray(score, dtype=np.float64)))
 
 
 def auc(y_true: Sequence[int], probs: np.ndarray) -> float:
@@ -54,34 +42,35 @@ def auc(y_true: Sequence[int], probs: np.ndarray) -> float:
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
-    """Rows: true class, columns: predicted class."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    for t, p in zip(y_true, y_pred):
-        cm[int(t), int(p)] += 1
-    return cm
+    """Rows: true class, columns: predicted class (every class, also those absent)."""
+    return skm.confusion_matrix(np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int),
+                                labels=list(range(n_classes))).astype(np.int64)
+
+
+def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    with warnings.catch_warnings():  # a class predicted but absent from a small fold is expected, not news
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(skm.balanced_accuracy_score(y, pred))
 
 
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str]) -> dict:
-    """AUC, balanced accuracy (mean recall over the classes present), accuracy, per-class F1 and confusion."""
+    """AUC, balanced accuracy (mean recall over the classes present), accuracy, per-class F1 (NaN for a class
+    absent and never predicted) and the confusion matrix."""
     y, p = np.asarray(y_true, dtype=int), np.asarray(probs, dtype=np.float64)
     pred = p.argmax(1)
-    cm = confusion_matrix(y, pred, len(class_names))
-    support = cm.sum(1)
-    recall = np.divide(np.diag(cm), support, out=np.full(len(cm), np.nan), where=support > 0)
-    predicted = cm.sum(0)
-    precision = np.divide(np.diag(cm), predicted, out=np.zeros(len(cm)), where=predicted > 0)
-    f1 = {}
-    for c, name in enumerate(class_names):
-        if support[c] == 0 and predicted[c] == 0:
-            f1[name] = float("nan")  # class absent and never predicted: F1 undefined
-            continue
-        r = 0.0 if support[c] == 0 else recall[c]
-        f1[name] = 0.0 if precision[c] + r == 0 else float(2 * precision[c] * r / (precision[c] + r))
-    present = [v for v in f1.values() if not math.isnan(v)]
-    return {"auc": auc(y, p), "balanced_accuracy": float(np.nanmean(recall)) if (support > 0).any() else float("nan"),
-            "accuracy": float((pred == y).mean()) if len(y) else float("nan"), "f1_per_class": f1,
-            "macro_f1": float(np.mean(present)) if present else float("nan"), "confusion_matrix": cm.tolist(),
-            "n_cases": int(len(y)), "support": dict(zip(class_names, support.tolist()))}
+    labels = list(range(len(class_names)))
+    empty = len(y) == 0
+    cm = confusion_matrix(y, pred, len(class_names)) if not empty else np.zeros((len(labels),) * 2, np.int64)
+    f1 = skm.f1_score(y, pred, labels=labels, average=None, zero_division=np.nan) if not empty \
+        else np.full(len(labels), np.nan)
+    f1_per_class = {name: float(v) for name, v in zip(class_names, f1)}
+    present = [v for v in f1_per_class.values() if not math.isnan(v)]
+    return {"auc": auc(y, p) if not empty else float("nan"),
+            "balanced_accuracy": _balanced_accuracy(y, pred) if not empty else float("nan"),
+            "accuracy": float(skm.accuracy_score(y, pred)) if not empty else float("nan"),
+            "f1_per_class": f1_per_class, "macro_f1": float(np.mean(present)) if present else float("nan"),
+            "confusion_matrix": cm.tolist(), "n_cases": int(len(y)),
+            "support": dict(zip(class_names, cm.sum(1).tolist()))}
 
 
 def save_confusion_png(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: str | os.PathLike,
@@ -104,29 +93,29 @@ def save_confusion_png(cm: Sequence[Sequence[int]], class_names: Sequence[str], 
     save_figure(fig, path)
 
 
-def fit_logistic_regression(x: np.ndarray, y: Sequence[int], n_classes: int, l2: float = 1e-2,
-                            max_iter: int = 200) -> dict:
-    """Multinomial logistic regression on standardized features (mean/std of ``x``), full-batch LBFGS with an
-    L2 penalty ``l2 * ||W||^2`` (not on the bias). Returns ``{"weight", "bias", "mean", "std"}`` as tensors."""
-    xt = torch.as_tensor(np.asarray(x, dtype=np.float64))
-    yt = torch.as_tensor(np.asarray(y, dtype=np.int64))
-    mean, std = xt.mean(0), xt.std(0, unbiased=False).clamp_min(1e-6)
-    z = (xt - mean) / std
-    w = torch.zeros(xt.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+def fit_logistic_regression(x: np.ndarray, y: Sequence[int], l2: float = 1e-2, max_iter: int = 1000) -> Pipeline:
+    """Standardized features -> sklearn ``LogisticRegression`` (lbfgs, L2 penalty, bias not penalised).
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z @ w + b, yt) + l2 * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return {"weight": w.detach(), "bias": b.detach(), "mean": mean, "std": std}
+    ``l2`` is the penalty per case: the objective is mean cross-entropy + ``l2 * ||W||^2``, i.e. sklearn's
+    ``C = 1 / (2 n l2)`` (sklearn sums the loss over cases and adds ``||W||^2 / 2``), so the same ``l2``
+    regularises the same whatever the budget.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=int)
+    clf = LogisticRegression(C=1.0 / (2 * len(y) * l2) if l2 > 0 else np.inf, l1_ratio=0.0, max_iter=max_iter)
+    return make_pipeline(StandardScaler(), clf).fit(x, y)
 
 
-def predict_logistic(model: dict, x: np.ndarray) -> np.ndarray:
-    """Class probabilities ``(N, classes)`` of a model from :func:`fit_logistic_regression`."""
-    z = (torch.as_tensor(np.asarray(x, dtype=np.float64)) - model["mean"]) / model["std"]
-    return torch.softmax(z @ model["weight"] + model["bias"], 1).numpy()
+def predict_logistic(model: Pipeline, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class probabilities ``(N, n_classes)``; a class the probe never saw gets probability 0."""
+    out = np.zeros((len(x), n_classes))
+    out[:, model.classes_] = model.predict_proba(np.asarray(x, dtype=np.float64))
+    return out
+
+
+def probe_state(model: Pipeline) -> dict[str, torch.Tensor]:
+    """The fitted probe as plain tensors (loadable with ``torch.load(weights_only=True)``): scaler mean/scale,
+    sklearn's ``coef_`` / ``intercept_`` (one row for two classes) and the classes seen."""
+    scaler, clf = model[0], model[-1]
+    return {"mean": torch.as_tensor(scaler.mean_), "scale": torch.as_tensor(scaler.scale_),
+            "coef": torch.as_tensor(clf.coef_), "intercept": torch.as_tensor(clf.intercept_),
+            "classes": torch.as_tensor(clf.classes_)}
