@@ -20,11 +20,11 @@ SCRATCH = "scratch"
 # small: fits 2 CPU cores (tiny networks, short schedules); paper: the real-size setting for a GPU
 PRESETS: dict[str, dict] = {
     # small: AdamW 1e-3 because nnU-Net's SGD (0.01) barely starts learning a tiny network in a few hundred steps.
-    # ft_epochs 35 x 10 is NOT a plateau for scratch with all 7 labeled cases: on a 1000-iteration schedule the
-    # held-out Dice (12 test cases) was 0.118 / 0.161 / 0.174 / 0.192 at 100 / 200 / 300 / 400 iterations, still
-    # rising (docs/small_preset/convergence.md); the plateau budget was not measured yet.
+    # ft_epochs 100 x 10: scratch with all 7 labeled cases has plateaued. Held-out Dice (12 test cases) of this
+    # schedule at 10/20/.../100 %: .118 .161 .174 .192 .255 .279 .277 .296 .295 .295 (docs/small_preset/
+    # convergence.md); the former 35 x 10 stopped on the steep part.
     "small": {"size": "tiny", "patch_size": None, "pretrain_epochs": 100, "pretrain_iters": 10, "pretrain_batch": 2,
-              "ft_epochs": 35, "ft_iters": 10, "ft_val_iters": 1, "ft_batch": 2, "tta": False, "ft_lr": 1e-3,
+              "ft_epochs": 100, "ft_iters": 10, "ft_val_iters": 1, "ft_batch": 2, "tta": False, "ft_lr": 1e-3,
               "encoder_lr_factor": 1.0, "warmup": "linear", "optimizer": "adamw", "arms": ["finetune", "frozen"],
               "test_cases": 12, "ft_checkpoints_at": [0.25, 0.5]},
     "paper": {"size": None, "patch_size": None, "pretrain_epochs": 1000, "pretrain_iters": 250, "pretrain_batch": None,
