@@ -7,7 +7,8 @@ writes it) and a pretraining results folder for the downstream architecture:
 
 Prints one JSON line per check: labels vs shifts, intensity-histogram probe, instance-norm invariance, frozen
 random-encoder probe, best-of-epochs validation AUC on 3 + 3 chance cases, and (``--train-iters`` > 0) a minimal
-training loop with the trainer's model, crops, mirroring and whole-case sliding-window scoring.
+training loop with the trainer's model, crops, mirroring and whole-case sliding-window scoring (``--crop Z Y X``:
+another crop / tile shape, e.g. one that holds the whole tiny volume; ``--finetune``: from the pretrained encoder).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ssl3d.data.readers import find_raw_dataset
 from ssl3d.evaluation.classification import load_preprocessed
+from ssl3d.training.external import for_downstream, load_pretrained
 from ssl3d.training.finetuning.classification import build_classifier, sliding_window_logits
 from ssl3d.utils import env_dir
 
@@ -39,6 +41,10 @@ def main() -> None:
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--pretraining", required=True)
     ap.add_argument("--train-iters", type=int, default=0)
+    ap.add_argument("--crop", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                    help="training crop and scoring tile of the minimal loop (default: the planned patch)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak LR of the minimal loop's one-cycle schedule")
+    ap.add_argument("--finetune", action="store_true", help="minimal loop from the pretrained encoder")
     a = ap.parse_args()
     torch.set_num_threads(1)
     raw = find_raw_dataset(a.dataset)
@@ -79,15 +85,17 @@ def main() -> None:
     out(check="best of 20 epochs, chance network, 3 + 3 validation cases", median_auc=float(np.median(best)),
         share_ge_0_78=float((best >= 0.777).mean()), share_1=float((best == 1).mean()))
     if a.train_iters:
-        _train(arch, patch, imgs, y, train, test, a.train_iters, out)
+        state = for_downstream(load_pretrained(a.pretraining, "0"), 1).encoder_state if a.finetune else None
+        _train(arch, tuple(a.crop or patch), imgs, y, train, test, a.train_iters, out, state, a.lr)
 
 
-def _train(arch: dict, patch: tuple, imgs: dict, y: dict, train: list, test: list, iters: int, out) -> None:
+def _train(arch: dict, patch: tuple, imgs: dict, y: dict, train: list, test: list, iters: int, out,
+           encoder_state: dict | None = None, lr: float = 1e-3) -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    net = build_classifier(arch, 1, 2, patch)
-    opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=iters, pct_start=0.05)
+    net = build_classifier(arch, 1, 2, patch, encoder_state)
+    opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=iters, pct_start=0.05)
 
     def crop(x: np.ndarray) -> np.ndarray:
         x = np.pad(x, [(0, 0)] + [(0, max(0, p - s)) for s, p in zip(x.shape[1:], patch)])
@@ -115,8 +123,9 @@ def _train(arch: dict, patch: tuple, imgs: dict, y: dict, train: list, test: lis
         p = [torch.softmax(sliding_window_logits(net, imgs[k], patch, torch.device("cpu")), 0)[1].item() for k in ks]
         return float(roc_auc_score([y[k] for k in ks], p))
 
-    out(check="minimal training loop", iters=iters, train_loss_last50=float(np.mean(losses[-50:])),
-        train_case_auc=auc(train[::3]), held_out_auc=auc(test), seconds=round(time.time() - t))
+    out(check="minimal training loop", iters=iters, crop=list(patch), lr=lr, finetune=encoder_state is not None,
+        train_loss_last50=float(np.mean(losses[-50:])), train_case_auc=auc(train[::3]), held_out_auc=auc(test),
+        seconds=round(time.time() - t))
 
 
 if __name__ == "__main__":
