@@ -207,6 +207,7 @@ def test_benchmark_kill_leaves_no_orphans_refuses_a_racing_rerun_and_resumes(tin
     out = tmp_path / "bench"
     cmd = [str(BIN / "ssl_benchmark"), "-u", tiny_pool.dataset_dir.name, "-l", "802", "-m", "spark", "-p",
            f"spark={tiny_pretraining}", "--n-train", "1", "--seeds", "1", "--ft-epochs", "1", "--ft-iters", "2",
+           "--test-cases", "1", "--arms", "finetune",
            "-device", "cpu", "-np", "1", "--no-progress", "-o", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     arm = out / "arms" / "spark__n1__s0"

@@ -154,6 +154,7 @@ class MedContextTrainer(CheckpointExtrasMixin, SSLFinetuneTrainer):
         if self.was_initialized:
             raise RuntimeError("initialize called twice")
         seed_everything(derive_seed(self.seed, "init"))  # as SSLFinetuneTrainer: same initial weights per seed
+        self._set_torch_threads()
         self._set_batch_size_and_oversample()
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
@@ -172,6 +173,7 @@ class MedContextTrainer(CheckpointExtrasMixin, SSLFinetuneTrainer):
             self.network = DDP(self.network, device_ids=[self.device.index] if cuda else None)
         self.loss = self._build_loss()
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        self._install_plot_hook()
         self.was_initialized = True
 
     def _student(self) -> MaskedStudent:

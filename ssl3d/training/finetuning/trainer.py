@@ -110,6 +110,11 @@ class SSLFinetuneTrainer(AtomicCheckpointMixin, TrainerInitMixin, nnUNetTrainer)
 
     def initialize(self):
         seed_everything(derive_seed(self.seed, "init"))  # same initial weights for the same seed
+        self._set_torch_threads()
+        super().initialize()
+        self._install_plot_hook()
+
+    def _set_torch_threads(self) -> None:
         if self.torch_threads is not None and self.device.type == "cpu":
             # torch's default (all cores) oversubscribes the core the augmentation worker needs: on 2 cores with one
             # worker, 2 intra-op threads make forward/backward 2-4x slower than 1 (benchmarks/finetune_profile.py)
@@ -118,11 +123,13 @@ class SSLFinetuneTrainer(AtomicCheckpointMixin, TrainerInitMixin, nnUNetTrainer)
             n = self.torch_threads
             torch.set_num_threads(free_cores_for_torch(get_allowed_n_proc_DA()) if n == "auto" else int(n))
             self.print_to_log_file(f"torch intra-op threads: {torch.get_num_threads()}")
-        super().initialize()
+
+    def _install_plot_hook(self) -> None:
+        """After nnU-Net's logger exists (subclasses with their own ``initialize`` call it too)."""
+        self._plot_progress_png = self.logger.plot_progress_png
         if self.plot_every != 1:
             # nnU-Net redraws progress.png (matplotlib + seaborn, ~0.5-2 s on 2 cores) after every epoch of a few
             # iterations; drawing every plot_every-th epoch (0: at the end) plots the same logged values
-            self._plot_progress_png = self.logger.plot_progress_png
             self.logger.plot_progress_png = self._maybe_plot_progress
 
     def _maybe_plot_progress(self, output_folder: str) -> None:
