@@ -19,22 +19,41 @@ PARTIAL_SUFFIX = ".partial"  # nnU-Net writes here first; renamed once complete
 logger = logging.getLogger(__name__)
 
 
+# what torch.load raises for a truncated, foreign or non-torch file (unpickling can hit any of them)
+_UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
+               AttributeError, ImportError, TypeError)
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
-                    keys: Sequence[str] = ("network_weights",)) -> dict:
-    """``torch.load`` of a checkpoint; zero-byte, truncated, non-torch or keyless files -> one-line BadInputError."""
+                    keys: Sequence[str] = ("network_weights",), weights_only_first: bool = False) -> dict:
+    """``torch.load`` of a checkpoint; zero-byte, truncated, non-torch, non-dict or keyless files -> one-line
+    BadInputError. ``weights_only_first``: try torch's safe loader first (no code runs for plain tensor dicts)
+    and load fully only when the file holds objects outside its allow-list (foreign checkpoints)."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(path, "checkpoint missing")
     if path.stat().st_size == 0:
         raise BadInputError(path, "empty (zero-byte) checkpoint")
+
+    def load(weights_only: bool):
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        if weights_only_first:
+            try:
+                ckpt = load(True)
+            except pickle.UnpicklingError:  # objects outside the safe allow-list (numpy arrays, classes)
+                ckpt = load(False)
+        else:
+            ckpt = load(False)
+    except _UNREADABLE as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInputError(path, f"unreadable or truncated checkpoint ({first.split('. ')[0][:100]})") from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise BadInputError(path, f"not an nnU-Net/ssl3d checkpoint (no {', '.join(map(repr, missing))})")
+    if not isinstance(ckpt, dict):
+        raise BadInputError(path, f"not a checkpoint dict (a {type(ckpt).__name__})")
     return ckpt
 
 

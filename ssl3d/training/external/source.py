@@ -12,8 +12,6 @@ import copy
 import dataclasses
 import logging
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ssl3d.training.checkpoints import read_checkpoint
 from ssl3d.utils import BadInputError
 
 if TYPE_CHECKING:
@@ -76,34 +75,6 @@ def _register_builtin() -> None:
                 raise
 
 
-def read_checkpoint_file(path: Path) -> dict:
-    """``torch.load`` once (``weights_only`` first: no code runs for plain tensor dicts); one line when the
-    file is missing, empty, truncated or not a dict."""
-    if not path.is_file():
-        raise BadInputError(path, "checkpoint file does not exist")
-    if path.stat().st_size == 0:
-        raise BadInputError(path, "empty (zero-byte) checkpoint")
-    errors = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
-              AttributeError, ImportError, TypeError)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # objects outside the allow-list (numpy arrays, classes): load fully
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except errors as e:
-            raise BadInputError(path, f"unreadable or truncated checkpoint ({_first_line(e)})") from None
-    except errors as e:
-        raise BadInputError(path, f"unreadable or truncated checkpoint ({_first_line(e)})") from None
-    if not isinstance(obj, dict):
-        raise BadInputError(path, f"not a checkpoint dict (a {type(obj).__name__})")
-    return obj
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0].split(". ")[0][:100]) if text else type(e).__name__
-
-
 def load_pretrained(path: str | os.PathLike, fold: str = "0") -> PretrainedSource:
     """A folder: an ssl3d pretraining (method rebuilt and loaded strictly); a file: the first registered format
     whose sniff accepts it. Anything else is one :class:`BadInputError` line."""
@@ -112,7 +83,7 @@ def load_pretrained(path: str | os.PathLike, fold: str = "0") -> PretrainedSourc
         return _load_ssl3d(p, fold)
     if not p.exists():
         raise BadInputError(p, "pretraining results folder or checkpoint file does not exist")
-    obj = read_checkpoint_file(p)
+    obj = read_checkpoint(p, keys=(), weights_only_first=True)  # one load, one line if unreadable
     _register_builtin()
     for name, (sniff, load) in _FORMATS.items():
         if sniff(p, obj):
