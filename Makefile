@@ -6,7 +6,7 @@ STAMP := $(VENV)/.ssl3d-installed
 DEMO_DIR ?= $(CURDIR)/demo_work
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo test test-slow test-all venv clean-demo
 
 venv: $(STAMP)
 
@@ -16,7 +16,15 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# test: the suite without its slow tier (< 15 min on 2 cores); test-slow: the end-to-end runs of whole CLIs and
+# multi-process (DDP, kill) tests, marked `slow` (about 25 min on 2 cores); CI runs both
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: $(STAMP)

@@ -144,6 +144,7 @@ def _bench(env, out, *extra):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_end_to_end_and_resume(bench_data):
     root, env = bench_data
     out = root / "out"

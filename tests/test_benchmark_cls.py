@@ -91,6 +91,7 @@ def _bench(env, out, *extra):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_tiny_cls_benchmark_end_to_end_and_resume(cls_data):
     root, env = cls_data
     out = root / "out"

@@ -65,6 +65,7 @@ def _nt_xent_rank(rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_nt_xent_under_ddp_equals_the_single_process_loss_on_the_global_batch():
     """Two gloo ranks with half a batch each: the mean of their losses is the loss of the whole batch, and after
     DDP's gradient averaging (÷ world) every row's gradient is the single-process one."""

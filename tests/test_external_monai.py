@@ -215,6 +215,7 @@ def test_truncated_mismatched_and_bad_order_files_are_one_line(ssl_swin, tmp_pat
         check_encoder_state(_network(src).state_dict(), src.encoder_state)
 
 
+@pytest.mark.slow
 def test_one_stock_nnunet_epoch_from_an_imported_checkpoint(tmp_path):
     """ssl_finetune -p model_swinvit-style file: recipe plans, converted encoder, stock nnUNetv2_train (1 epoch)."""
     import json

@@ -225,6 +225,7 @@ def test_nnssl_export_refuses_other_methods(tmp_path):
     assert "spark" in str(e.value) and not (tmp_path / "x.pth").exists()
 
 
+@pytest.mark.slow
 def test_stock_nnunet_finetunes_an_imported_nnssl_resenc(tmp_path):
     """2-channel labeled dataset, nnssl ResEnc pretrained on 1 channel with 'noresample' (spacing from the
     labeled data): ssl_finetune plans, preprocesses, writes the weights and runs stock nnUNetv2_train 1 epoch."""

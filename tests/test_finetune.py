@@ -111,6 +111,7 @@ def test_stock_runs_cover_every_downstream_network():
 
 
 @pytest.mark.parametrize("method", STOCK_RUNS)
+@pytest.mark.slow
 def test_stock_training_of_every_methods_downstream_network(pretrained, method):
     """Every downstream network (HybridUNet with deep supervision, dna's Primus without it, SwinUNETR, ...) goes
     through stock nnUNetv2_train with a pretrained encoder loaded."""
@@ -169,6 +170,7 @@ def test_few_shot_subsets_are_deterministic_nested_and_from_training_only():
         few_shot_subset(train, 0, n_train=21)
 
 
+@pytest.mark.slow
 def test_medcontext_trains_with_stock_nnunet(pretrained):
     env = dict(pretrained["env"], nnUNet_extTrainer=sh(["ssl_nnunet_ext_path"], pretrained["env"]).stdout.strip())
     weights = pretrained["pre"] / "ssl3d_sparkPlans__pretrained_weights.pth"
@@ -215,6 +217,7 @@ def _finetune_losses(pretrained, name, seed):
     return [float(v) for v in torch.load(out, map_location="cpu", weights_only=False)["logging"]["train_losses"]]
 
 
+@pytest.mark.slow
 def test_finetuning_is_reproducible_given_a_seed(pretrained):
     """Two 20-iteration runs with the same seed (one augmentation worker, as in the demo) give identical losses."""
     a, b, c = (_finetune_losses(pretrained, n, s) for n, s in (("a", 5), ("b", 5), ("c", 6)))

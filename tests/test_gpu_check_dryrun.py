@@ -40,6 +40,7 @@ def _table(out: Path, name: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())
 
 
+@pytest.mark.slow  # the dry run: about a minute on 2 cores
 def test_every_section_runs_and_every_table_is_written(dry_run):
     root, r = dry_run
     out = root / "out"
@@ -56,6 +57,7 @@ def test_every_section_runs_and_every_table_is_written(dry_run):
     assert (root / "bundle.tar.gz").stat().st_size > 0 and (out / "report.md").read_text().count("\n## ") >= 5
 
 
+@pytest.mark.slow  # the dry run: about a minute on 2 cores
 def test_tables_hold_measurements(dry_run):
     out = dry_run[0] / "out"
     env = {row["key"]: row["value"] for row in _table(out, "environment")["rows"]}

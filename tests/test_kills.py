@@ -173,6 +173,7 @@ def test_preprocessing_kill_then_incomplete_pool_refused_and_rerun_completes(tmp
 
 
 # ---- pretraining -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pretraining_kill_after_first_checkpoint_resumes(tiny_pool, tmp_path):
     import torch
 
@@ -196,6 +197,7 @@ def test_pretraining_kill_after_first_checkpoint_resumes(tiny_pool, tmp_path):
 
 
 # ---- ssl_benchmark ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_benchmark_kill_leaves_no_orphans_refuses_a_racing_rerun_and_resumes(tiny_pool, tiny_pretraining, tmp_path):
     from conftest import make_raw_dataset
 

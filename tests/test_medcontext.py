@@ -144,6 +144,7 @@ def tiny_labeled(tmp_path_factory):
     return {"env": dict(env, nnUNet_n_proc_DA="0"), "dataset": pre.name}
 
 
+@pytest.mark.slow
 def test_ddp_gloo_two_ranks_keep_student_teacher_and_token_identical(tiny_labeled, tmp_path):
     out = tmp_path / "ddp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",

@@ -175,6 +175,7 @@ def test_resume_restores_teacher_centers_and_mask_tokens(tiny_pool, results_env,
 
 @pytest.mark.parametrize("method,port", [("mae", 29533), ("mim", 29534), ("smit", 29535), ("mocov2", 29536),
                                          ("byol", 29537), ("simclr", 29538), ("voco", 29539)])
+@pytest.mark.slow
 def test_ddp_gloo_two_ranks_keep_parameters_identical(tiny_pool, results_env, tmp_path, method, port):
     """Student, EMA teacher, centers and mask tokens stay identical on both ranks (parameters and buffers)."""
     out = tmp_path / "ddp.json"
