@@ -62,10 +62,10 @@ def test_ssl_finetune_writes_lean_and_checkpoint_options_on_cpu(prepared):
 
 def test_lean_options_train_on_the_same_batches(prepared, monkeypatch):
     threads = torch.get_num_threads()
-    batches = {}
+    batches, trainers = {}, {}
     try:
         for name, options in (("stock", {}), ("lean", CPU_SPEED_OPTIONS)):
-            trainer = _trainer(prepared, monkeypatch, **options)
+            trainer = trainers[name] = _trainer(prepared, monkeypatch, **options)
             trainer.initialize()
             tr, val = trainer.get_dataloaders()
             batches[name] = [_flat(next(tr)) for _ in range(3)]
@@ -78,6 +78,23 @@ def test_lean_options_train_on_the_same_batches(prepared, monkeypatch):
     for a, b in zip(batches["stock"], batches["lean"]):
         assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(batches["stock"][0][0], batches["stock"][1][0])  # a real stream, not one batch repeated
+
+    # channels_last: the lean network stores its conv weights channels-last and is the same function, forward and
+    # backward (same seed, same initial values)
+    convs = {n: p for n, p in trainers["lean"].network.named_parameters() if p.dim() == 5}
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in convs.values())
+    assert not all(p.is_contiguous(memory_format=torch.channels_last_3d)
+                   for n, p in trainers["stock"].network.named_parameters() if p.dim() == 5)
+    data, *target = batches["stock"][0]
+    grads = {}
+    for name, trainer in trainers.items():
+        trainer.network.zero_grad()
+        loss = trainer.loss(trainer.network(data), target if len(target) > 1 else target[0])
+        loss.backward()
+        grads[name] = (loss.detach(), {n: p.grad for n, p in trainer.network.named_parameters()})
+    torch.testing.assert_close(grads["lean"][0], grads["stock"][0], rtol=1e-4, atol=1e-5)
+    for n, g in grads["stock"][1].items():
+        torch.testing.assert_close(grads["lean"][1][n], g, rtol=1e-3, atol=1e-5, msg=n)
 
 
 def test_lean_run_writes_intermediate_checkpoints_and_no_best(prepared, monkeypatch):

@@ -7,7 +7,7 @@ from typing import Sequence
 
 # What ``ssl_finetune --lean`` (default on CPU) writes into the plans. None of them changes the batches, the network
 # or the loss; benchmarks/finetune_profile.py measures them against nnU-Net's defaults.
-CPU_SPEED_OPTIONS = {"torch_threads": "auto", "plot_every": 0, "save_best": False}
+CPU_SPEED_OPTIONS = {"torch_threads": "auto", "plot_every": 0, "save_best": False, "channels_last": True}
 
 
 def checkpoint_epochs(num_epochs: int, fractions: Sequence[float]) -> list[int]:
