@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import blob_batch, ct_volume, subprocess_env, write_image
+from ssl3d.architectures.from_plans import scaled_architecture
 from ssl3d.training.methods import build_method, method_specs
 
 BIN = Path(sys.executable).parent
@@ -26,8 +27,12 @@ ARCH = {  # what the planner gives a 16x32x32 patch at 2x1x1 mm, as in tiny_pool
     "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
 
 
-def tiny_method(name, patch=(16, 32, 32), cell=(4, 8, 8)):
-    cfg = {"patch_size": list(patch), "architecture": ARCH,
+# the ResEnc at 1/4 width, one block per stage (ssl_pretrain --size tiny): the learning tests' network
+SMALL_ARCH = scaled_architecture(ARCH, "tiny")
+
+
+def tiny_method(name, patch=(16, 32, 32), cell=(4, 8, 8), arch=ARCH):
+    cfg = {"patch_size": list(patch), "architecture": arch,
            "ssl3d": {"mae_patch_size": list(cell), "mask_cell_size": list(cell), "vit_token_grid": [4, 4, 4],
                      "hybrid_junction_stage": 3}}
     return build_method(name, {}, cfg, 1, **TINY[name])
@@ -50,7 +55,7 @@ def method_input(m, seed: int, batch: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("method", sorted(n for n in TINY if n != "mocov2"))
 def test_loss_falls(method):
     torch.manual_seed(0)
-    m = tiny_method(method)
+    m = tiny_method(method, arch=SMALL_ARCH)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], 1e-3)
     g = torch.Generator().manual_seed(1)
     losses = []
