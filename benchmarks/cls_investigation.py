@@ -98,7 +98,9 @@ def _train(arch: dict, patch: tuple, imgs: dict, y: dict, train: list, test: lis
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=iters, pct_start=0.05)
 
     def crop(x: np.ndarray) -> np.ndarray:
-        x = np.pad(x, [(0, 0)] + [(0, max(0, p - s)) for s, p in zip(x.shape[1:], patch)])
+        # centred like nnU-Net's loader and sliding_window_logits (before 2026-12-01 both padded at the far end)
+        x = np.pad(x, [(0, 0)] + [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2)
+                                  for s, p in zip(x.shape[1:], patch)])
         st = [rng.integers(0, s - p + 1) for s, p in zip(x.shape[1:], patch)]
         c = x[:, st[0]:st[0] + patch[0], st[1]:st[1] + patch[1], st[2]:st[2] + patch[2]]
         for ax in range(1, 4):

@@ -152,6 +152,10 @@ def test_finetune_resume_and_linear(cls_env):
     r = _cls(cls_env, "--mode", "finetune", "--c", "--epochs", "2")
     assert "continuing from" in r.stderr
     assert torch.load(out / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 2
+    assert torch.load(out / "checkpoint_final.pth", weights_only=False)["ssl3d"]["crop_size"] == [16, 32, 32]
+    r = _cls(cls_env, "--mode", "finetune", "--c", "--epochs", "2", "--crop", "case", ok=False)  # patch-trained
+    lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert r.returncode == 2 and len(lines) == 1 and "16 x 32 x 32 crops" in lines[0], r.stderr[-2000:]
     _cls(cls_env, "--mode", "linear", "--n-train", "4", "-f", "1")
     lin = cls_env["root"] / "res" / "Dataset803_SynthCTFattyLiver" / f"ClsLinearProbe__{plans}" / "fold_1_n4"
     summary = _check_outputs(lin, 2)
@@ -159,6 +163,27 @@ def test_finetune_resume_and_linear(cls_env):
     r = _cls(cls_env, "--mode", "linear", "--n-train", "6", "-f", "1", "-v")  # embeds only the 2 new cases
     assert r.stderr.count("embedded ") == 2, r.stderr[-2000:]
     assert len(list((lin.parent / "embeddings").glob("*/*.npy"))) == 8
+
+
+def test_case_crop_is_the_rounded_largest_case_end_to_end(cls_env):
+    """``--crop case``: crop = scoring tile = the largest preprocessed case of the run (budget + held out), rounded up
+    to the encoder's total stride, recorded in cls_results.json, metrics.json and the checkpoint."""
+    import pickle
+
+    _cls(cls_env, "--mode", "scratch", "-f", "2", "--crop", "case", "--val-fraction", "0")
+    pre = cls_env["root"] / "pre" / "Dataset803_SynthCTFattyLiver"
+    plans = json.loads((pre / "ssl3d_sparkClsPlans.json").read_text())["configurations"]["3d_fullres"]
+    out = cls_env["root"] / "res" / "Dataset803_SynthCTFattyLiver" / \
+        "ClsScratchTrainer__ssl3d_sparkClsPlans__3d_fullres" / "fold_2"
+    summary = _check_outputs(out, 2)
+    cases = summary["train_cases"] + summary["val_cases"] + summary["test_cases"]
+    biggest = np.max([pickle.load(open(pre / plans["data_identifier"] / f"{k}.pkl", "rb"))["shape_after_resampling"]
+                      for k in cases], 0)
+    stride = np.prod(np.array(plans["architecture"]["arch_kwargs"]["strides"]), 0)
+    expected = [int(v) for v in np.ceil(biggest / stride) * stride]
+    assert expected != plans["patch_size"] and summary["crop_size"] == expected
+    assert json.loads((out / "metrics.json").read_text())["crop_size"] == expected
+    assert torch.load(out / "checkpoint_final.pth", weights_only=False)["ssl3d"]["crop_size"] == expected
 
 
 def test_bad_labels_one_line_no_traceback(cls_env, tmp_path):
@@ -227,3 +252,37 @@ def test_avg_max_head_learns_a_local_intensity_shift():
     with_max = _fit_local_shift(True)
     assert with_max < 0.3, with_max
     assert with_max < 0.5 * _fit_local_shift(False)
+
+
+def test_crop_patch_keeps_the_plan_case_rounds_the_largest_case_up_and_scores_in_one_tile():
+    from ssl3d.architectures.primus import primus_architecture
+    from ssl3d.architectures.swin import swin_arch_kwargs
+    from ssl3d.training.finetuning.classification import (CASE_CROP_MAX_VOXELS, build_classifier, resolve_crop,
+                                                          sliding_window_logits)
+    from test_pretraining import tiny_method
+
+    resenc = tiny_method("spark").downstream_architecture()  # strides 1, 1x2x2, 2x2x2 ... -> total 2^k per axis
+    total = [int(np.prod([s[a] for s in resenc["arch_kwargs"]["strides"]])) for a in range(3)]
+    shapes = [(17, 28, 33), (5, 9, 10), (11, 30, 21)]
+    assert resolve_crop("patch", None, resenc, (16, 32, 32), shapes) == (16, 32, 32)
+    case = resolve_crop("case", None, resenc, (16, 32, 32), shapes)
+    assert case == tuple(-(-m // t) * t for m, t in zip((17, 30, 33), total)) and case >= (17, 30, 33)
+    assert resolve_crop("patch", (8, 16, 16), resenc, (16, 32, 32)) == (8, 16, 16)
+    with pytest.raises(BadInputError, match="multiple of"):
+        resolve_crop("patch", (total[0] + 1, 32, 32), resenc, (16, 32, 32))
+    big = round((CASE_CROP_MAX_VOXELS / 64) ** (1 / 2)) + 64
+    with pytest.raises(BadInputError, match="--crop-size"):
+        resolve_crop("case", None, resenc, (16, 32, 32), [(64, big, big)])
+    swin = {"network_class_name": "ssl3d.architectures.swin.SwinUNETRNet", "arch_kwargs": swin_arch_kwargs("tiny")}
+    assert resolve_crop("case", None, swin, (32, 32, 64), shapes) == (32, 32, 64)  # multiples of 32
+    primus = primus_architecture(48, 1, 2, (8, 8, 8), (16, 32, 32))
+    assert resolve_crop("patch", (16, 32, 32), primus, (16, 32, 32)) == (16, 32, 32)
+    for crop, size in (("case", None), ("patch", (16, 32, 64))):
+        with pytest.raises(BadInputError, match="fixed token grid"):
+            resolve_crop(crop, size, primus, (16, 32, 32), shapes)
+    # the case crop is the scoring tile: every case (zero-padded at the far end) in one window
+    net = build_classifier(resenc, 1, 2, case).eval()
+    calls = []
+    sliding_window_logits(lambda x: calls.append(tuple(x.shape)) or net(x), np.zeros((1, 17, 28, 33), np.float32),
+                          case, torch.device("cpu"))
+    assert calls == [(1, 1, *case)]

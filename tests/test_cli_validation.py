@@ -88,6 +88,12 @@ OPTIONS = [
     (finetune_cls.main, CLS + ["--n-train", "0"], "--n-train", "at least 1"),
     (finetune_cls.main, CLS + ["-f", "-1"], "-f", "negative"),
     (finetune_cls.main, CLS + ["--iters", "0"], "--iters", "at least 1"),
+    (finetune_cls.main, CLS + ["--crop-size", "0", "32", "32"], "--crop-size", "at least 1"),
+    (finetune_cls.main, CLS + ["--crop-size", "16", "x", "32"], "--crop-size", "not an integer"),
+    (finetune_cls.main, CLS + ["--crop", "whole"], "--crop", "invalid choice"),
+    (finetune_cls.main, CLS + ["--crop", "case", "--crop-size", "16", "32", "32"], "--crop-size", "not allowed with"),
+    (finetune_cls.main, CLS + ["--mode", "linear", "--crop", "case", "-device", "cpu"], "--crop",
+     "apply to --mode finetune and scratch"),
     (benchmark.main, BM + ["--seeds", "0"], "--seeds", "at least 1"),
     (benchmark.main, BM + ["--fractions", "1.5"], "--fractions", "(0, 1]"),
     (benchmark.main, BM + ["--n-train", "0"], "--n-train", "at least 1"),
@@ -95,6 +101,7 @@ OPTIONS = [
     (benchmark.main, BM + ["--ft-epochs", "0"], "--ft-epochs", "at least 1"),
     (benchmark.main, BM + ["--test-cases", "0"], "--test-cases", "at least 1"),
     (benchmark.main, BM + ["--arms", "linear"], "--arms", "invalid choice"),
+    (benchmark.main, BM + ["--task", "cls", "--crop", "whole"], "--crop", "invalid choice"),
     (extract_features.main, ["-p", "r", "-i", "i", "-o", "o", "-f", "abc"], "-f", "not a fold"),
     (predict.main, ["-i", "i", "-o", "o", "-d", "802", "-f", "0", "x"], "-f", "not a fold"),
     (finetune.export_main, ["-p", "r", "-o", "w.pth", "--num-classes", "0"], "--num-classes", "at least 1"),
@@ -269,6 +276,18 @@ def test_broken_pretraining_is_one_line_in_every_command(kind, broken_results, c
         assert_one_line(rc, err, culprit, problem)
         assert tree(nnunet_env["nnUNet_preprocessed"], nnunet_env["nnUNet_results"], results) == before, name
         assert not (tmp_path / "w").exists() and not (tmp_path / "feats").exists(), name
+
+
+def test_cls_crop_the_network_cannot_take_is_one_line_before_any_work(tiny_pretraining, capsys, nnunet_env,
+                                                                     tmp_path):
+    make_raw_dataset(nnunet_env["nnUNet_raw"], 803, "Cls", n=4)
+    csv = tmp_path / "cases.csv"
+    csv.write_text("case_id,label\ncase000,0\ncase001,1\ncase002,0\ncase003,1\n")
+    before = tree(nnunet_env["nnUNet_preprocessed"], nnunet_env["nnUNet_results"])
+    rc, err = call(finetune_cls.main, ["-d", "803", "-p", str(tiny_pretraining), "--labels", str(csv), "-device",
+                                       "cpu", "--no-progress", "--crop-size", "15", "31", "31"], capsys)
+    assert_one_line(rc, err, "--crop-size 15 31 31", "needs a multiple of")
+    assert tree(nnunet_env["nnUNet_preprocessed"], nnunet_env["nnUNet_results"]) == before
 
 
 def test_each_fold_keeps_its_own_method_description(tiny_pretraining, tmp_path, capsys):

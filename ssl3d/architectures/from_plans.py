@@ -41,3 +41,24 @@ def scaled_architecture(architecture: dict, size: str) -> dict:
     kw["features_per_stage"] = [max(4, c // 4) for c in kw["features_per_stage"]]
     kw["n_blocks_per_stage"] = [1] * kw["n_stages"]
     return arch
+
+
+def input_divisor(architecture: dict) -> tuple[int, ...] | None:
+    """The per-axis multiple every input of the plans network must be, or None when it takes one fixed shape only.
+
+    nnU-Net's U-Nets (and ``HybridUNet``): the product of the stage strides (what its decoder's skips need);
+    ``SwinUNETRNet``: patch embedding × 2 ** 4 merges (32 for patch 2); dna's ``Primus``: None (its absolute
+    position embedding covers the fixed token grid of ``input_shape``); a class without strides: None.
+    """
+    name = architecture["network_class_name"].rsplit(".", 1)[-1]
+    kw = architecture.get("arch_kwargs", {})
+    if name == "SwinUNETRNet":
+        return (int(kw.get("patch_size", 2)) * 2 ** 4,) * 3
+    strides = kw.get("strides")
+    if name == "Primus" or not strides:
+        return None
+    out = [1, 1, 1]
+    for s in strides:
+        s = [int(s)] * 3 if isinstance(s, int) else [int(v) for v in s]
+        out = [a * b for a, b in zip(out, s)]
+    return tuple(out)

@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer-wise LR decay over encoder blocks, e.g. 0.75")
     p.add_argument("--class-balanced", action="store_true", help="inverse-frequency class weights in the loss")
     p.add_argument("--dropout", type=V.nonnegative_float, default=0.0)
+    crop = p.add_mutually_exclusive_group()
+    crop.add_argument("--crop", choices=["patch", "case"], default="patch",
+                      help="training crop = scoring tile: the planned patch (default) or the whole case (the largest "
+                           "preprocessed case rounded up to the network's stride; small volumes only)")
+    crop.add_argument("--crop-size", type=V.positive_int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                      help="an explicit training crop = scoring tile (a multiple of the network's stride)")
     p.add_argument("--l2", type=V.nonnegative_float, default=1e-2,
                    help="linear mode: L2 penalty of the logistic regression")
     p.add_argument("--embedding-cache", default=None,
@@ -70,7 +76,8 @@ def _run(a: argparse.Namespace) -> int:
         lr=a.lr, batch_size=a.batch_size, device=a.device, fraction=a.fraction, n_train=a.n_train, seed=a.seed,
         val_fraction=a.val_fraction, encoder_lr_factor=a.encoder_lr_factor, layer_decay=a.layer_decay,
         class_balanced=a.class_balanced, dropout=a.dropout, l2=a.l2, continue_training=a.c, num_processes=a.np,
-        progress=not a.no_progress, embedding_cache=a.embedding_cache, overwrite=a.overwrite))
+        progress=not a.no_progress, embedding_cache=a.embedding_cache, overwrite=a.overwrite, crop=a.crop,
+        crop_size=tuple(a.crop_size) if a.crop_size else None))
     return 0
 
 

@@ -9,6 +9,9 @@ held-out scoring. :func:`run_classification` is what ``ssl_finetune_cls`` (and a
   the label budget (``n_train`` / ``fraction`` of the fold's training cases) is a stratified, nested prefix drawn
   from ``seed``; for ``finetune``/``scratch`` a stratified 20 % of the budget (at least one case per class, else
   none) validates (model selection), the rest trains. Only the fold's held-out cases are scored.
+* Crop (``finetune``/``scratch``): the training crop, which is also the scoring tile: ``patch`` (the planned
+  patch), ``case`` (every case whole: :func:`~ssl3d.training.finetuning.classification.resolve_crop` over the
+  preprocessed shapes of the fold's budget and held-out cases) or an explicit ``crop_size``.
 * ``linear``: the frozen pretrained encoder embeds every budget and held-out case (``embed_image``: sliding
   window; image-weighted global average ‖ maximum of the deepest map, as the classifier pools), an
   L2-regularised scikit-learn logistic regression is fitted on the budget cases; no network training. Embeddings
@@ -41,7 +44,7 @@ from ssl3d.inference.features import embed_image, load_encoder, resolve_device
 from ssl3d.planning.plan_transfer import finetune_plans
 from ssl3d.preprocessing.preprocessor import plans_hash, run_preprocessing
 from ssl3d.training.external import for_downstream, load_pretrained
-from ssl3d.training.finetuning.classification import MODES, TRAINERS
+from ssl3d.training.finetuning.classification import MODES, TRAINERS, check_crop, resolve_crop
 from ssl3d.training.finetuning.cls_metrics import (classification_metrics, fit_logistic_regression, predict_logistic,
                                                    probe_state, save_confusion_png)
 from ssl3d.training.seeding import derive_seed
@@ -80,6 +83,8 @@ class ClsOptions:
     progress: bool = True
     pretrain_fold: str = "0"
     embedding_cache: str | None = None  # linear mode; default: ``embeddings/`` next to the fold folders
+    crop: str = "patch"  # training crop = scoring tile: patch (planned) or case (whole cases, small volumes)
+    crop_size: tuple[int, int, int] | None = None  # explicit crop instead (with crop "patch")
 
 
 def _validation_split(labels: dict[str, int], budget: list[str], fraction: float, seed: int) -> tuple[list, list]:
@@ -94,6 +99,12 @@ def _validation_split(labels: dict[str, int], budget: list[str], fraction: float
     return sorted(train), sorted(val)
 
 
+def case_shape(data_dir: Path, key: str) -> tuple[int, ...]:
+    """Spatial shape of a preprocessed case (blosc2 arrays open lazily: nothing is decompressed)."""
+    data, _, _, _ = infer_dataset_class(str(data_dir))(str(data_dir), [key]).load_case(key)
+    return tuple(int(s) for s in data.shape[1:])
+
+
 def load_preprocessed(data_dir: Path, key: str) -> np.ndarray:
     data, _, _, _ = infer_dataset_class(str(data_dir))(str(data_dir), [key]).load_case(key)
     return np.asarray(data, dtype=np.float32)
@@ -103,6 +114,9 @@ def prepare(opts: ClsOptions) -> dict:
     """Labels, plans and preprocessing (resumable); everything both modes need."""
     if opts.mode not in MODES:
         raise BadInputError(None, f"unknown mode '{opts.mode}' ({', '.join(MODES)})")
+    if opts.mode == "linear" and (opts.crop != "patch" or opts.crop_size is not None):
+        raise BadInputError(None, "--crop/--crop-size apply to --mode finetune and scratch (the linear probe embeds "
+                                  "whole cases by sliding window of the planned patch)")
     pre_root, res_root = env_dir("nnUNet_preprocessed"), env_dir("nnUNet_results")
     if pre_root is None or res_root is None or env_dir("nnUNet_raw") is None:
         raise BadInputError(None, "set nnUNet_raw, nnUNet_preprocessed and nnUNet_results")
@@ -124,6 +138,9 @@ def prepare(opts: ClsOptions) -> dict:
     plans = finetune_plans(src.plans, src.architecture, raw.name, plans_name,
                            {"batch_size": opts.batch_size, "method": info["name"], "pretrained_from": str(ckpt)},
                            src.patch_size)
+    cfg = plans["configurations"][CONFIGURATION]
+    if opts.mode != "linear":  # a crop the network cannot take: refused before anything is written
+        check_crop(opts.crop, opts.crop_size, cfg["architecture"], cfg["patch_size"])
     target = pre_root / raw.name
     write_json(target / f"{plans_name}.json", plans)
     write_json(target / "dataset.json", {"channel_names": channel_names, "labels": {"background": 0, "body": 1},
@@ -144,9 +161,17 @@ def prepare(opts: ClsOptions) -> dict:
     budget = label_subset(labels, train, opts.seed, opts.n_train, opts.fraction)
     tag = f"{opts.fold}" + (f"_n{len(budget)}" if len(budget) < len(train) else "") + \
         (f"_s{opts.seed}" if opts.seed != DEFAULT_SEED else "")
+    crop = None
+    if opts.mode != "linear":
+        # the shapes of every case this run sees, held-out ones included: a shape is not a label (no leakage),
+        # and with them every scored case fits one tile
+        shapes = [case_shape(data_dir, k) for k in budget + test] if opts.crop == "case" else ()
+        crop = resolve_crop(opts.crop, opts.crop_size, cfg["architecture"], cfg["patch_size"], shapes)
+        logger.info("training crop and scoring tile: %s (--crop %s)", " x ".join(map(str, crop)),
+                    "size" if opts.crop_size is not None else opts.crop)
     return {"raw": raw, "labels": labels, "names": names, "folder": folder, "checkpoint": ckpt, "source": src,
             "info": info, "plans": plans, "plans_name": plans_name, "preprocessed": target, "data_dir": data_dir,
-            "budget": budget, "test": test, "tag": tag, "results_root": res_root}
+            "budget": budget, "test": test, "tag": tag, "results_root": res_root, "crop": crop}
 
 
 def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
@@ -160,6 +185,7 @@ def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
     trainer.initial_lr, trainer.seed, trainer.show_progress = opts.lr, opts.seed, opts.progress
     trainer.encoder_lr_factor, trainer.layer_decay = opts.encoder_lr_factor, opts.layer_decay
     trainer.class_balanced, trainer.dropout = opts.class_balanced, opts.dropout
+    trainer.crop_size = p["crop"]
     out = Path(trainer.output_folder)
     if not opts.continue_training and not opts.overwrite and (out / "checkpoint_final.pth").is_file():
         raise BadInputError(out / "checkpoint_final.pth", "a finished result is here; pass --c to score it again "
@@ -235,13 +261,15 @@ def run_classification(opts: ClsOptions) -> dict:
     probs, out, extra = (_linear_probe if opts.mode == "linear" else _train_network)(opts, p)
     y = [p["labels"][k] for k in p["test"]]
     metrics = classification_metrics(y, probs, p["names"])
+    metrics["crop_size"] = list(p["crop"]) if p["crop"] else None  # training crop = scoring tile (None: linear)
     write_predictions(out, p["test"], y, probs, p["names"])
     write_json(out / "metrics.json", metrics)
     save_confusion_png(metrics["confusion_matrix"], p["names"], out / "confusion_matrix.png",
                        f"{opts.mode}, fold {p['tag']}: AUC {metrics['auc']:.3f}")
     summary = {"metrics": metrics, "mode": opts.mode, "method": p["info"]["name"], "dataset": p["raw"].name,
                "fold": opts.fold, "seed": opts.seed, "n_budget": len(p["budget"]), "test_cases": p["test"],
-               "output_folder": str(out), "pretrained_from": str(p["checkpoint"]), "options": asdict(opts), **extra}
+               "output_folder": str(out), "pretrained_from": str(p["checkpoint"]), "options": asdict(opts),
+               "crop_size": metrics["crop_size"], **extra}
     write_json(out / "cls_results.json", summary)
     logger.info("held-out %d cases: AUC %.3f, balanced accuracy %.3f -> %s", len(y), metrics["auc"],
                 metrics["balanced_accuracy"], out)

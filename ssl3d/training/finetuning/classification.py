@@ -6,15 +6,16 @@ global average pooling of the deepest stage map, dropout (optional), one linear 
 
 ``SSLClassificationTrainer`` is nnU-Net's trainer changed through its hooks only, like ``SSLPretrainer``:
 nnU-Net's loop, folders, log, ``progress.png``, checkpoint_latest/best/final and ``--c`` resume are kept;
-replaced are the network, data loading (random crops of the planned patch from nnU-Net's loader, mirroring on
-all axes, case classes looked up by the batch's keys), the train step (cross-entropy, optionally class-balanced,
-AdamW with per-iteration warm-up + cosine, encoder LR = ``encoder_lr_factor`` × LR, optional layer-wise decay
-``layer_decay`` ** (depth from the top) over the encoder's blocks) and epoch-end validation: every validation
-case is classified whole by a sliding window (:func:`sliding_window_logits`: patch-size tiles, 50 % overlap,
-logits averaged over tiles); its AUC ("mean_fg_dice" in nnU-Net's log and plot) picks ``checkpoint_best``
-(ties and undefined AUCs: lower validation loss). Without validation cases the epoch's training loss decides.
-Mode ``scratch`` is the same network without pretrained weights. Options are attributes set before
-``initialize`` (nnU-Net convention); case lists and classes come from the caller.
+replaced are the network, data loading (random crops of ``crop_size`` -- default the planned patch -- from
+nnU-Net's loader, mirroring on all axes, case classes looked up by the batch's keys), the train step
+(cross-entropy, optionally class-balanced, AdamW with per-iteration warm-up + cosine, encoder LR =
+``encoder_lr_factor`` × LR, optional layer-wise decay ``layer_decay`` ** (depth from the top) over the encoder's
+blocks) and epoch-end validation: every validation case is classified whole by a sliding window
+(:func:`sliding_window_logits`: crop-size tiles, 50 % overlap, logits averaged over tiles; a ``case`` crop,
+:func:`resolve_crop`, holds every case in one tile); its AUC ("mean_fg_dice" in nnU-Net's log and plot) picks
+``checkpoint_best`` (ties and undefined AUCs: lower validation loss). Without validation cases the epoch's
+training loss decides. Mode ``scratch`` is the same network without pretrained weights. Options are attributes
+set before ``initialize`` (nnU-Net convention); case lists and classes come from the caller.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from ssl3d.architectures.encoders import DownstreamEncoder, avg_max_pool
-from ssl3d.architectures.from_plans import build_network_from_plans
+from ssl3d.architectures.from_plans import build_network_from_plans, input_divisor
 from ssl3d.training.checkpoints import CheckpointExtrasMixin
 from ssl3d.training.export import transfer_encoder
 from ssl3d.training.finetuning.cls_metrics import auc
@@ -51,6 +52,59 @@ from ssl3d.utils import DEFAULT_SEED, BadInputError
 
 MODES = ("finetune", "scratch", "linear")
 TILE_STEP = 0.5
+CROPS = ("patch", "case")
+CASE_CROP_MAX_VOXELS = 2 ** 21  # the planner's default patch budget (128^3): whole cases are for small volumes
+
+
+def _round_up(shape: Sequence[int], multiple: Sequence[int]) -> tuple[int, ...]:
+    return tuple(-(-int(s) // int(m)) * int(m) for s, m in zip(shape, multiple))
+
+
+def check_crop(crop: str, crop_size: Sequence[int] | None, architecture: dict, patch: Sequence[int]) -> None:
+    """What can be refused before any work: an unknown ``crop``, an explicit ``crop_size`` the network cannot
+    take (not a multiple of its input divisor; any shape but its fixed one for Primus-like networks) or any
+    crop but the planned patch for a fixed-shape network."""
+    if crop not in CROPS:
+        raise BadInputError(None, f"--crop {crop}: choose {' or '.join(CROPS)}")
+    if crop_size is not None and crop != "patch":
+        raise BadInputError(None, "--crop-size and --crop case exclude each other")
+    name = architecture["network_class_name"].rsplit(".", 1)[-1]
+    div = input_divisor(architecture)
+    if crop_size is not None:
+        size = tuple(int(v) for v in crop_size)
+        if len(size) != 3 or min(size) < 1:
+            raise BadInputError(None, f"--crop-size {' '.join(map(str, size))}: expected 3 sizes of at least 1")
+        if div is None and size != tuple(int(v) for v in patch):
+            raise BadInputError(None, f"--crop-size {' '.join(map(str, size))}: {name} takes only its planned "
+                                      f"patch {' '.join(map(str, patch))} (fixed token grid)")
+        if div is not None and any(v % d for v, d in zip(size, div)):
+            raise BadInputError(None, f"--crop-size {' '.join(map(str, size))}: {name} needs a multiple of "
+                                      f"{' x '.join(map(str, div))} per axis (e.g. "
+                                      f"{' '.join(map(str, _round_up(size, div)))})")
+    elif crop == "case" and div is None:
+        raise BadInputError(None, f"--crop case: {name} takes only its planned patch "
+                                  f"{' '.join(map(str, patch))} (fixed token grid); use --crop patch")
+
+
+def resolve_crop(crop: str, crop_size: Sequence[int] | None, architecture: dict, patch: Sequence[int],
+                 shapes: Sequence[Sequence[int]] = ()) -> tuple[int, int, int]:
+    """The training crop and scoring tile (after :func:`check_crop`): ``patch``: the planned patch; an explicit
+    ``crop_size`` as given; ``case``: the per-axis maximum of the preprocessed ``shapes`` rounded up to a
+    multiple of the network's input divisor (smaller cases are zero-padded as nnU-Net's loader pads), refused
+    above ``CASE_CROP_MAX_VOXELS``."""
+    check_crop(crop, crop_size, architecture, patch)
+    if crop_size is not None:
+        return tuple(int(v) for v in crop_size)  # type: ignore[return-value]
+    if crop == "patch":
+        return tuple(int(v) for v in patch)  # type: ignore[return-value]
+    if not shapes:
+        raise ValueError("--crop case needs the preprocessed case shapes")
+    size = _round_up(np.max(np.asarray(shapes, dtype=np.int64), 0), input_divisor(architecture))
+    if math.prod(size) > CASE_CROP_MAX_VOXELS:
+        raise BadInputError(None, f"--crop case: the largest case needs a {' x '.join(map(str, size))} crop "
+                                  f"({math.prod(size):,} voxels), above the cap of {CASE_CROP_MAX_VOXELS:,} voxels; "
+                                  "use --crop patch or an explicit --crop-size Z Y X")
+    return size  # type: ignore[return-value]
 
 
 class ClassifierNet(nn.Module):
@@ -132,12 +186,13 @@ class GroupWarmupCosine(WarmupCosine):
 def sliding_window_logits(fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray | torch.Tensor,
                           patch: Sequence[int], device: torch.device, batch: int = 2) -> torch.Tensor:
     """``fn`` (logits or embeddings of a batch of patches) averaged over 50 %-overlap patch tiles covering the
-    whole ``(C, Z, Y, X)`` image; an image smaller than the patch is zero-padded at the far end (what nnU-Net's
-    loader pads with)."""
+    whole ``(C, Z, Y, X)`` image; an axis shorter than the patch is zero-padded on both sides, the image centred
+    (as nnU-Net's loader crops such an axis in training and its ``pad_nd_image`` pads at inference)."""
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))
     shape = tuple(x.shape[1:])
     padded = tuple(max(s, p) for s, p in zip(shape, patch))
-    x = torch.nn.functional.pad(x, [v for s, p in zip(reversed(shape), reversed(padded)) for v in (0, p - s)])
+    x = torch.nn.functional.pad(x, [v for s, p in zip(reversed(shape), reversed(padded))
+                                    for v in ((p - s) // 2, p - s - (p - s) // 2)])
     steps = compute_steps_for_sliding_window(padded, tuple(patch), TILE_STEP)
     starts = [(z, y, xx) for z in steps[0] for y in steps[1] for xx in steps[2]]
     total, count = None, 0
@@ -161,6 +216,7 @@ class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, Tra
         self.train_keys: list[str] = []
         self.val_keys: list[str] = []
         self.encoder_state: dict[str, torch.Tensor] | None = None
+        self.crop_size: tuple[int, int, int] | None = None  # training crop = scoring tile; None: the planned patch
         self.num_epochs = 50
         self.num_iterations_per_epoch = 50
         self.num_val_iterations_per_epoch = 0  # validation classifies whole cases at epoch end instead
@@ -195,7 +251,7 @@ class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, Tra
         state = self.encoder_state if self.mode == "finetune" else None
         self.network = build_classifier(self.configuration_manager.configuration["architecture"],
                                         self.num_input_channels, len(self.class_names),
-                                        self.configuration_manager.patch_size, state, self.dropout).to(self.device)
+                                        self.crop, state, self.dropout).to(self.device)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         weights = None
         if self.class_balanced:
@@ -218,11 +274,15 @@ class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, Tra
         pass
 
     # ---- data ----------------------------------------------------------------------------------------------
+    @property
+    def crop(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in (self.crop_size or self.configuration_manager.patch_size))
+
     def do_split(self):
         return list(self.train_keys), list(self.val_keys)
 
     def get_dataloaders(self):
-        patch = tuple(self.configuration_manager.patch_size)
+        patch = self.crop
         ds = self.dataset_class(self.preprocessed_dataset_folder, self.train_keys)
         mirror = ComposeTransforms([MirrorTransform(allowed_axes=(0, 1, 2))])
         dl = nnUNetDataLoader(ds, self.batch_size, patch, patch, self.label_manager, oversample_foreground_percent=0.0,
@@ -241,7 +301,7 @@ class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, Tra
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         was = self.network.training
         self.network.eval()
-        patch = tuple(self.configuration_manager.patch_size)
+        patch = self.crop
         out = [sliding_window_logits(self.network, self.load_image(k), patch, self.device, self.batch_size)
                for k in tqdm(keys, desc="classify", unit="case", disable=not progress, leave=False)]
         self.network.train(was)
@@ -298,12 +358,18 @@ class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, Tra
 
     def checkpoint_extras(self) -> dict:
         return {"best_score": self.best_score, "global_step": self.global_step, "mode": self.mode,
-                "class_names": self.class_names, "train_keys": self.train_keys, "val_keys": self.val_keys}
+                "class_names": self.class_names, "train_keys": self.train_keys, "val_keys": self.val_keys,
+                "crop_size": list(self.crop)}
 
     def load_checkpoint_extras(self, extras: dict) -> None:
         if extras.get("train_keys") not in (None, self.train_keys):
             raise BadInputError(self.output_folder, "--c: the checkpoint was trained on other cases (labels, fold, "
                                                     "label budget or seed changed); rerun without --c")
+        saved = tuple(extras.get("crop_size") or self.configuration_manager.patch_size)  # older: the patch
+        if saved != self.crop:
+            raise BadInputError(self.output_folder, f"--c: the checkpoint was trained on {' x '.join(map(str, saved))} "
+                                                    f"crops, not {' x '.join(map(str, self.crop))}; rerun with that "
+                                                    "crop or without --c")
         self.best_score = extras.get("best_score")
 
     def perform_actual_validation(self, save_probabilities: bool = False):
