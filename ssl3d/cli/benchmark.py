@@ -35,7 +35,8 @@ from ssl3d.utils import BadInputError
 PRESET_NAMES = ("paper", "small")  # ssl3d.evaluation.protocol.PRESETS (checked by a test; keeps --help light)
 SEG_ONLY = {"n_train": "--n-train", "test": "--test", "test_fraction": "--test-fraction", "cka": "--cka",
             "warmup": "--warmup", "optimizer": "--optimizer", "arms": "--arms", "test_cases": "--test-cases"}
-CLS_ONLY = {"fractions": "--fractions", "linear": "--linear", "labels": "--labels", "f": "-f", "l2": "--l2"}
+CLS_ONLY = {"fractions": "--fractions", "linear": "--linear", "labels": "--labels", "f": "-f", "l2": "--l2",
+            "crop": "--crop"}
 
 logger = logging.getLogger("ssl3d")
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fractions", type=V.unit_fraction, nargs="+", default=None,
                    help="label budgets as fractions of the fold's training cases (default 1 0.5 0.25 0.1 0.05)")
     c.add_argument("--linear", action="store_true", help="also a linear probe on the frozen encoder per method")
+    c.add_argument("--crop", choices=["patch", "case"], default=None,
+                   help="training crop = scoring tile of the finetune/scratch arms (ssl_finetune_cls --crop; "
+                        "preset: patch)")
     c.add_argument("--labels", default=None, help="CSV 'case_id,label' (default: dataset.json ssl3d_case_labels)")
     c.add_argument("-f", type=V.nonnegative_int, default=None, help="stratified fold whose held-out cases are scored (default 0)")
     p.add_argument("--preset", default="small", choices=PRESET_NAMES,
@@ -119,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
         raise BadInputError(None, "--seeds must be at least 1")
     overrides = {k: getattr(args, k) for k in ("pretrain_epochs", "pretrain_iters", "ft_epochs", "ft_iters", "ft_lr",
                                                "encoder_lr_factor", "size", "patch_size", "warmup",
-                                               "optimizer", "l2", "arms", "test_cases")}
+                                               "optimizer", "l2", "arms", "test_cases", "crop")}
     cfg = BenchmarkConfig(pool=args.u, labeled=args.l, methods=list(args.m), output=Path(args.o),
                           scratch=args.scratch, n_train=list(args.n_train or ["1", "2", "all"]),
                           seeds=args.seeds or (5 if args.task == "cls" else 3), preset=args.preset,

@@ -42,10 +42,11 @@ PRETRAIN_KEYS = ("size", "patch_size", "pretrain_epochs", "pretrain_iters", "pre
 # iterations; paper: the planned network, 50 × 250 AdamW iterations at ssl_finetune_cls's default 1e-4.
 # Neither schedule was tuned on data.
 CLS_PRESETS: dict[str, dict] = {
+    # crop: ssl_finetune_cls --crop of the finetune/scratch arms (patch: the planned patch; case: whole cases)
     "small": {"ft_epochs": 20, "ft_iters": 10, "ft_lr": 1e-3, "ft_batch": 2, "encoder_lr_factor": 1.0, "l2": 1e-2,
-              "val_fraction": 0.2},
+              "val_fraction": 0.2, "crop": "patch"},
     "paper": {"ft_epochs": 50, "ft_iters": 250, "ft_lr": 1e-4, "ft_batch": 2, "encoder_lr_factor": 1.0, "l2": 1e-2,
-              "val_fraction": 0.2},
+              "val_fraction": 0.2, "crop": "patch"},
 }
 CLS_MODES = ("finetune", "linear")  # per method; scratch is its own arm
 # segmentation: the whole network fine-tuned, or the encoder frozen as loaded (pretrained; for scratch the seed's

@@ -371,7 +371,8 @@ class ClsBenchmark(Benchmark):
                    str(arm.seed), "-np", str(self.cfg.num_processes), "--no-progress"]
             cmd += ["--labels", str(Path(self.cfg.labels_csv).resolve())] if self.cfg.labels_csv else []
             # a killed arm continues from its latest checkpoint; probes of one encoder embed each case once
-            cmd += ["--embedding-cache", str(self.out / "embeddings" / arm.method)] if arm.mode == "linear" else ["--c"]
+            cmd += ["--embedding-cache", str(self.out / "embeddings" / arm.method)] if arm.mode == "linear" else \
+                ["--c", "--crop", s.get("crop", "patch")]
             rc = run_nnunet(cmd, log_file=log, env_overrides={**self.env, "nnUNet_results": str(res_root)},
                             pass_fds=self.lock_fds)
             if rc != 0:
