@@ -142,6 +142,7 @@ def _check_outputs(folder: Path, n_test: int):
     return summary
 
 
+@pytest.mark.slow
 def test_finetune_resume_and_linear(cls_env):
     _cls(cls_env, "--mode", "finetune")
     plans = "ssl3d_sparkClsPlans__3d_fullres"
@@ -165,6 +166,7 @@ def test_finetune_resume_and_linear(cls_env):
     assert len(list((lin.parent / "embeddings").glob("*/*.npy"))) == 8
 
 
+@pytest.mark.slow
 def test_case_crop_is_the_rounded_largest_case_end_to_end(cls_env):
     """``--crop case``: crop = scoring tile = the largest preprocessed case of the run (budget + held out), rounded up
     to the encoder's total stride, recorded in cls_results.json, metrics.json and the checkpoint."""
