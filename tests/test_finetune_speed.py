@@ -12,6 +12,9 @@ from conftest import make_raw_dataset, subprocess_env
 
 from ssl3d.training.finetune_schedule import CPU_SPEED_OPTIONS, free_cores_for_torch
 
+# ssl_finetune --prepare-only and two trainer runs: about 70 s on 2 cores, the slow tier
+pytestmark = pytest.mark.slow
+
 BIN = Path(sys.executable).parent
 DATASET = "Dataset802_Seg"
 PLANS = "ssl3d_sparkPlans_scratch"

@@ -127,6 +127,7 @@ def results_env(tiny_pool, tmp_path):
     return subprocess_env(tmp_path / "raw", tiny_pool.dataset_dir.parent, tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_epoch(tiny_pool, results_env, tmp_path):
     kw = ["--size", "tiny"]
     r = _pretrain(tiny_pool, "mae", ["--epochs", "2", *kw], results_env)
