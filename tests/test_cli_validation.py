@@ -378,6 +378,29 @@ def test_checkpoints_are_renamed_into_place(tmp_path):
     assert target.read_bytes() == b"the previous checkpoint"
 
 
+def test_other_ranks_never_touch_rank_0s_partial_checkpoint(tmp_path):
+    """Under DDP nnU-Net writes on local rank 0 only: rank 1 must neither load nor rename the .partial file rank 0
+    is still writing (it did: EOFError on rank 1 in the DDP pretraining tests, or a truncated checkpoint)."""
+    from ssl3d.training.checkpoints import PARTIAL_SUFFIX, CheckpointExtrasMixin
+
+    class Base:
+        def save_checkpoint(self, filename):
+            if self.local_rank == 0:
+                Path(filename).write_bytes(b"complete")
+
+    class Trainer(CheckpointExtrasMixin, Base):
+        def checkpoint_extras(self):
+            return {"x": 1}  # would torch.load the partial file
+
+    target = tmp_path / "checkpoint_latest.pth"
+    partial = tmp_path / ("checkpoint_latest.pth" + PARTIAL_SUFFIX)
+    partial.write_bytes(b"half of rank 0's wri")  # rank 0 is still writing it
+    rank1 = Trainer()
+    rank1.local_rank = 1
+    rank1.save_checkpoint(str(target))
+    assert partial.read_bytes() == b"half of rank 0's wri" and not target.exists()
+
+
 # ---- start-up --------------------------------------------------------------------------------------------------
 COMMANDS = {"ssl_pretrain": "pretrain", "ssl_finetune": "finetune", "ssl_finetune_cls": "finetune_cls",
             "ssl_plan_and_preprocess": "plan_and_preprocess", "ssl_benchmark": "benchmark", "ssl_predict": "predict",

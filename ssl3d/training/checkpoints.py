@@ -89,7 +89,9 @@ class AtomicCheckpointMixin:
     def save_checkpoint(self, filename: str) -> None:
         tmp = filename + PARTIAL_SUFFIX
         super().save_checkpoint(tmp)  # type: ignore[misc]
-        if os.path.isfile(tmp):
+        # nnU-Net writes on local rank 0 only; under DDP another rank would see rank 0's half-written file here
+        # and load or rename it (EOFError on that rank, or a truncated checkpoint)
+        if getattr(self, "local_rank", 0) == 0 and os.path.isfile(tmp):
             self.finish_checkpoint(tmp, filename)
 
     def finish_checkpoint(self, tmp: str, filename: str) -> None:
