@@ -6,6 +6,8 @@ import pydoc
 
 from torch import nn
 
+from ssl3d.layers import total_stride
+
 
 def takes_deep_supervision(network_class_name: str) -> bool:
     """Whether the class accepts ``deep_supervision`` (nnU-Net's U-Nets do; dna's ``Primus`` has a single output
@@ -57,8 +59,4 @@ def input_divisor(architecture: dict) -> tuple[int, ...] | None:
     strides = kw.get("strides")
     if name == "Primus" or not strides:
         return None
-    out = [1, 1, 1]
-    for s in strides:
-        s = [int(s)] * 3 if isinstance(s, int) else [int(v) for v in s]
-        out = [a * b for a, b in zip(out, s)]
-    return tuple(out)
+    return total_stride(strides)
