@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ssl3d-installed
 DEMO_DIR ?= $(CURDIR)/demo_work
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-slow test-all venv clean-demo
 
@@ -16,10 +17,11 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# test: the suite without its slow tier (< 15 min on 2 cores); test-slow: the end-to-end runs of whole CLIs and
-# multi-process (DDP, kill) tests, marked `slow` (about 25 min on 2 cores); CI runs both
+# test: the suite without its slow tier (< 15 min on 2 cores), in TEST_WORKERS pytest-xdist workers, one test file
+# per worker at a time (a file's fixtures are built once); test-slow: the end-to-end runs of whole CLIs and
+# multi-process (DDP, kill) tests, marked `slow` (about 30 min on 2 cores), one at a time; CI runs both
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests

@@ -20,7 +20,7 @@ setup(
         "tqdm",
         "blosc2",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pytest-xdist"]},
     entry_points={
         "console_scripts": [
             "ssl_make_demo_data=ssl3d.cli.make_demo_data:main",

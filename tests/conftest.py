@@ -65,6 +65,17 @@ def subprocess_env(raw, preprocessed, results, n_proc_da: str = "0") -> dict:
                 nnUNet_n_proc_DA=n_proc_da, OMP_NUM_THREADS="1")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_per_xdist_worker():
+    """Under `make test` two xdist workers share the 2 cores: one intra-op thread each (test modules that ask for 2
+    at import would otherwise run 4 threads on 2 cores, and OpenMP slows down badly when oversubscribed)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture
 def nnunet_env(tmp_path, monkeypatch):
     """Isolated nnUNet_raw / nnUNet_preprocessed / nnUNet_results folders."""
