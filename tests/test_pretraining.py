@@ -51,8 +51,9 @@ def method_input(m, seed: int, batch: int = 2) -> torch.Tensor:
     return blob_batch(seed, batch=batch, shape=m.data_patch_size)
 
 
-# mocov2: its loss rises while the queue fills with real keys (tested after that in test_contrastive)
-@pytest.mark.parametrize("method", sorted(n for n in TINY if n != "mocov2"))
+# mocov2: its loss rises while the queue fills with real keys (tested after that in test_contrastive); mim: its
+# learning test is test_mim's (reconstruction and alignment separately), the costliest method on CPU (7 volumes/sample)
+@pytest.mark.parametrize("method", sorted(n for n in TINY if n not in ("mocov2", "mim")))
 def test_loss_falls(method):
     torch.manual_seed(0)
     m = tiny_method(method, arch=SMALL_ARCH)
@@ -68,7 +69,7 @@ def test_loss_falls(method):
         m.after_optimizer_step()
         losses.append(loss.item())
     start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
-    # 15 %: MiM's cross-level InfoNCE is near chance this early (its reconstruction part is checked in test_mim)
+    # 15 % in 60 iterations of a tiny network: a fall that chance and a constant loss cannot give
     assert end < 0.85 * start, (start, end)
 
 
