@@ -288,3 +288,37 @@ def test_crop_patch_keeps_the_plan_case_rounds_the_largest_case_up_and_scores_in
     sliding_window_logits(lambda x: calls.append(tuple(x.shape)) or net(x), np.zeros((1, 17, 28, 33), np.float32),
                           case, torch.device("cpu"))
     assert calls == [(1, 1, *case)]
+
+
+def test_nnunet_augmentation_loads_a_larger_crop_returns_the_training_crop_and_is_seeded(cls_env, monkeypatch):
+    """``augment="nnunet"``: nnU-Net's loader crop is larger than the training crop (room for rotation and
+    scaling), nnU-Net's transforms return batches of the training crop, the same seed gives the same batches, and
+    they differ from mirroring's; the network's weights are channels_last_3d on CPU; a bad value is refused."""
+    from ssl3d.evaluation.classification import ClsOptions, prepare
+    from ssl3d.training.finetuning.classification import ClsScratchTrainer
+
+    for key, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+        monkeypatch.setenv(key, str(cls_env["root"] / sub))
+    p = prepare(ClsOptions(dataset="803", pretraining=str(cls_env["results"]), mode="scratch", device="cpu",
+                           progress=False, crop="case"))
+    dataset_json = json.loads((p["preprocessed"] / "dataset.json").read_text())
+
+    def first_batch(augment: str):
+        tr = ClsScratchTrainer(p["plans"], "3d_fullres", "aug", dataset_json, torch.device("cpu"))
+        tr.case_labels, tr.class_names, tr.train_keys = p["labels"], p["names"], p["budget"]
+        tr.crop_size, tr.augment = p["crop"], augment
+        tr.initialize()
+        conv = next(m for m in tr.network.modules() if isinstance(m, torch.nn.Conv3d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        loader_crop, _ = tr.training_transforms()
+        data = next(tr.get_dataloaders()[0])["data"]
+        assert tuple(data.shape) == (tr.batch_size, 1, *p["crop"])
+        return loader_crop, data
+
+    loader_crop, a = first_batch("nnunet")
+    assert all(v >= c for v, c in zip(loader_crop, p["crop"])) and loader_crop != tuple(p["crop"])
+    assert torch.equal(a, first_batch("nnunet")[1])
+    mirror_crop, m = first_batch("mirror")
+    assert mirror_crop == tuple(p["crop"]) and not torch.equal(a, m)
+    with pytest.raises(BadInputError, match="--augment"):
+        prepare(ClsOptions(dataset="803", pretraining=str(cls_env["results"]), mode="scratch", augment="elastic"))

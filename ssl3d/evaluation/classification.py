@@ -44,7 +44,7 @@ from ssl3d.inference.features import embed_image, load_encoder, resolve_device
 from ssl3d.planning.plan_transfer import finetune_plans
 from ssl3d.preprocessing.preprocessor import plans_hash, run_preprocessing
 from ssl3d.training.external import for_downstream, load_pretrained
-from ssl3d.training.finetuning.classification import MODES, TRAINERS, check_crop, resolve_crop
+from ssl3d.training.finetuning.classification import AUGMENTS, MODES, TRAINERS, check_crop, resolve_crop
 from ssl3d.training.finetuning.cls_metrics import (classification_metrics, fit_logistic_regression, predict_logistic,
                                                    probe_state, save_confusion_png)
 from ssl3d.training.seeding import derive_seed
@@ -85,6 +85,7 @@ class ClsOptions:
     embedding_cache: str | None = None  # linear mode; default: ``embeddings/`` next to the fold folders
     crop: str = "patch"  # training crop = scoring tile: patch (planned) or case (whole cases, small volumes)
     crop_size: tuple[int, int, int] | None = None  # explicit crop instead (with crop "patch")
+    augment: str = "mirror"  # training augmentation: mirror (all axes) or nnunet (nnU-Net's training transforms)
 
 
 def _validation_split(labels: dict[str, int], budget: list[str], fraction: float, seed: int) -> tuple[list, list]:
@@ -114,6 +115,8 @@ def prepare(opts: ClsOptions) -> dict:
     """Labels, plans and preprocessing (resumable); everything both modes need."""
     if opts.mode not in MODES:
         raise BadInputError(None, f"unknown mode '{opts.mode}' ({', '.join(MODES)})")
+    if opts.augment not in AUGMENTS:
+        raise BadInputError(None, f"--augment {opts.augment}: choose {' or '.join(AUGMENTS)}")
     if opts.mode == "linear" and (opts.crop != "patch" or opts.crop_size is not None):
         raise BadInputError(None, "--crop/--crop-size apply to --mode finetune and scratch (the linear probe embeds "
                                   "whole cases by sliding window of the planned patch)")
@@ -185,7 +188,7 @@ def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
     trainer.initial_lr, trainer.seed, trainer.show_progress = opts.lr, opts.seed, opts.progress
     trainer.encoder_lr_factor, trainer.layer_decay = opts.encoder_lr_factor, opts.layer_decay
     trainer.class_balanced, trainer.dropout = opts.class_balanced, opts.dropout
-    trainer.crop_size = p["crop"]
+    trainer.crop_size, trainer.augment = p["crop"], opts.augment
     out = Path(trainer.output_folder)
     if not opts.continue_training and not opts.overwrite and (out / "checkpoint_final.pth").is_file():
         raise BadInputError(out / "checkpoint_final.pth", "a finished result is here; pass --c to score it again "
