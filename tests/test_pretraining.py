@@ -154,7 +154,8 @@ def test_resume_restores_teacher_centers_and_mask_tokens(tiny_pool, results_env,
                                                           trainer_name):
     """``--c``: the whole method state comes back exactly (SMIT: EMA teacher, DINO centers, mask token; MiM: region
     and mask tokens, projection heads), and the method's stats are in the training log."""
-    r = _pretrain(tiny_pool, method, ["--epochs", "1", "--size", "tiny", "--preview-every", "0"], results_env)
+    r = _pretrain(tiny_pool, method, ["--epochs", "1", "--iters", "1", "--size", "tiny", "--preview-every", "0"],
+                  results_env)  # one step moves every EMA teacher and the MoCo queue pointer
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / tiny_pool.dataset_dir.name / f"{trainer_name}__ssl3dPlans__3d_fullres" / "fold_0"
     saved = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
