@@ -401,3 +401,19 @@ def test_segmentation_scores_match_monai_with_anisotropic_spacing_and_empty_mask
     assert math.isclose(res["mean_nsd"], nsd / 3, rel_tol=1e-6)
     assert math.isclose(res["mean_hd95"], (hd + 2 * diagonal) / 3, rel_tol=1e-6)
     assert res["nsd_tolerance_mm"]["liver"] == 3.0
+
+
+def test_rerun_with_another_setting_or_test_set_is_refused(tmp_path):
+    """A rerun resumes finished arms, so a changed preset/override or test set would mix two experiments."""
+    from ssl3d.evaluation.runner import refuse_mixed_rerun
+    from ssl3d.utils import BadInputError, write_json
+
+    setting, split = {"ft_epochs": 100, "patch_size": None}, {"trainable": ["a", "b"], "test": ["c"]}
+    write_json(tmp_path / "protocol.json", {"setting": setting, "split": {**split, "test_images": {"c": ["/x"]}}})
+    refuse_mixed_rerun(tmp_path, setting={"ft_epochs": 50}, split=split)  # no finished arm yet: nothing to mix
+    write_json(tmp_path / "arms" / "scratch__n1__s0" / "result.json", {"mean_dice": 0.5})
+    refuse_mixed_rerun(tmp_path, setting={**setting, "arms": ["frozen"]}, split=split)  # more arms are fine
+    with pytest.raises(BadInputError, match=r"ft_epochs 100 -> 50"):
+        refuse_mixed_rerun(tmp_path, setting={**setting, "ft_epochs": 50}, split=split)
+    with pytest.raises(BadInputError, match="the split cases"):
+        refuse_mixed_rerun(tmp_path, setting=setting, split={**split, "test": ["b"]})

@@ -9,6 +9,7 @@ whose training cases exclude the test set; every arm trains into its own ``nnUNe
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -93,6 +94,8 @@ class Benchmark:
         self.fg_labels = {int(v): k for k, v in dj["labels"].items() if isinstance(v, int) and v != 0}
         self.file_ending = dj.get("file_ending", ".nii.gz")
         self.nsd_tolerances = nsd_tolerances(dj, self.fg_labels, self.raw_labeled / "dataset.json")  # before any run
+        refuse_mixed_rerun(self.out, setting=self.s, split={"trainable": self.split.trainable,
+                                                            "test": sorted(self.split.test_labels)})
 
     # ---- set-up ------------------------------------------------------------------------------------------
     def _setup(self, cfg: BenchmarkConfig) -> None:
@@ -348,6 +351,7 @@ class ClsBenchmark(Benchmark):
                                                                   fraction=a.fraction)
             except BadInputError as e:
                 raise BadInputError(None, f"--fractions {a.fraction:g}: {e.problem}") from None
+        refuse_mixed_rerun(self.out, setting=self.s, train=self.train, test=self.test)
 
     def prepare(self) -> None:
         self.link_pool()
@@ -406,6 +410,26 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     if cfg.task not in ("seg", "cls"):
         raise BadInputError(None, f"unknown task '{cfg.task}' (seg, cls)")
     return (ClsBenchmark if cfg.task == "cls" else Benchmark)(cfg).run()
+
+
+def refuse_mixed_rerun(out: Path, **now) -> None:
+    """A rerun into ``out`` resumes its finished arms, so it must be the same experiment: the setting (preset and
+    overrides) and the cases, as ``protocol.json`` recorded them. Arms, methods, label counts and seeds may grow."""
+    protocol = out / "protocol.json"
+    if not protocol.is_file() or not any((out / "arms").glob("*/result.json")):
+        return
+    before = read_json(protocol)
+    changed = []
+    for key, value in now.items():
+        old, new = before.get(key) or {}, json.loads(json.dumps(value))  # tuples as the JSON file holds them
+        if key == "setting":  # "arms" only picks which arms run (finetune / frozen), like --n-train and --seeds
+            changed += [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted((set(old) | set(new)) - {"arms"})
+                        if old.get(k) != new.get(k)]
+        elif (({k: old.get(k) for k in new} if isinstance(new, dict) else old) != new):  # case ids, not paths
+            changed.append(f"the {key} cases")
+    if changed:
+        raise BadInputError(out, f"has finished arms of another experiment ({'; '.join(changed)}); "
+                                 "rerun with the same preset and options, or use a new -o")
 
 
 def _link(dst: Path, src: Path) -> None:
