@@ -47,7 +47,8 @@ def atomic_write(path: str | os.PathLike, write_fn, mode: str = "wb") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp_{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as f:
+        # text files are UTF-8 whatever the locale (an ASCII locale cannot write the reports' ± and Δ)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())

@@ -417,3 +417,19 @@ def test_rerun_with_another_setting_or_test_set_is_refused(tmp_path):
         refuse_mixed_rerun(tmp_path, setting={**setting, "ft_epochs": 50}, split=split)
     with pytest.raises(BadInputError, match="the split cases"):
         refuse_mixed_rerun(tmp_path, setting=setting, split={**split, "test": ["b"]})
+
+
+def test_reports_are_utf8_under_an_ascii_locale(tmp_path):
+    """results.md holds ± and Δ: written as UTF-8 even where the locale's encoding is ASCII (LC_ALL=C, no coercion)."""
+    import os
+    import sys
+
+    code = ("import sys; from ssl3d.utils import atomic_write, write_json; "
+            "atomic_write(sys.argv[1], lambda f: f.write('0.2 \\u00b1 0.1, \\u0394'), mode='w'); "
+            "write_json(sys.argv[2], {'\\u0394': '\\u00b1'})")  # escapes: an ASCII locale's argv is ASCII
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.md"), str(tmp_path / "r.json")], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert (tmp_path / "r.md").read_bytes().decode("utf-8") == "0.2 ± 0.1, Δ"
+    assert json.loads((tmp_path / "r.json").read_bytes().decode("utf-8")) == {"Δ": "±"}

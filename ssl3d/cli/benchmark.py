@@ -134,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
                           fractions=list(args.fractions or [1.0, 0.5, 0.25, 0.1, 0.05]), linear=args.linear,
                           labels_csv=Path(args.labels) if args.labels else None, fold=args.f or 0)
     summary = run_benchmark(cfg)
-    logger.info("%s", (Path(args.o) / "results.md").read_text())
+    logger.info("%s", (Path(args.o) / "results.md").read_text(encoding="utf-8"))
     logger.info("results: %s (results.json, results.md, label_efficiency*.png)", args.o)
     return 1 if summary["failures"] and not summary["arms"] else 0
 
