@@ -167,7 +167,7 @@ def test_tiny_benchmark_end_to_end_and_resume(bench_data):
         split = json.loads((out / "nnUNet_preprocessed" / "Dataset802_SynthCTOrgans" / "splits_final.json")
                            .read_text())
         assert not test_cases & set(split[0]["train"])
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     by = {a["method"]: a["mean_dice"] for a in res["arms"]}
     assert "### Frozen encoder" in md and "Mean foreground HD95 (mm)" in md
     assert f"| spark (frozen) | {by['spark']:.3f} |" in md and f"| scratch (frozen) | {by['scratch']:.3f} |" in md
@@ -325,7 +325,7 @@ def test_report_frozen_and_finetune_tables_with_half_widths(tmp_path):
            if not k.startswith(("mean_nsd", "nsd", "mean_hd95", "hd95"))}
     summary = write_reports(tmp_path, results + [old], [], {}, ["spark"], 8, 12, {"ft_epochs": 3, "ft_iters": 2,
                                                                                  "ft_batch": 2})
-    md = (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
     fine, frozen = md.split("### Frozen encoder")
     assert "### Fine-tuned encoder" in fine and "12 held-out test case(s)" in fine
     half = float(stats.t.interval(0.95, 2, scale=stats.sem([0.2, 0.25, 0.15]))[1])

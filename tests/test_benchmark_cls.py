@@ -53,7 +53,7 @@ def test_cls_report_cells_differences_and_plot(tmp_path):
         results += [_arm("scratch", "scratch", 0.1, seed, 0.5, 0.5), _arm("spark", "finetune", 0.1, seed, 0.6, 0.5)]
     setting = {"ft_epochs": 2, "ft_iters": 3, "ft_batch": 2}
     summary = write_cls_reports(tmp_path, results, [], {}, ["spark"], 20, 5, setting)
-    md = (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert "| method | 100 % (20 cases) | 10 % (2 cases) |" in md
     # spark AUC at 100 %: 0.8, 0.75, 0.85 -> 0.800 ± 0.050 over 3 seeds; at 10 %: 0.6 constant
     assert "| spark | 0.800 ± 0.050 (3) | 0.600 ± 0.000 (3) |" in md
@@ -109,7 +109,7 @@ def test_tiny_cls_benchmark_end_to_end_and_resume(cls_data):
         assert not set(test) & set(budget[arm["id"]])
         assert 0 <= arm["auc"] <= 1 and sum(map(sum, arm["confusion_matrix"])) == len(test)
     by = {(a["method"], a["seed"]): a["auc"] for a in res["arms"]}
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     assert "| method | 50 % (3 cases) |" in md and "| Δ spark − scratch |" in md
     diff = (by["spark", 0] - by["scratch", 0] + by["spark", 1] - by["scratch", 1]) / 2
     assert f"{diff:+.3f}" in md
@@ -129,7 +129,7 @@ def test_tiny_cls_benchmark_end_to_end_and_resume(cls_data):
     assert len(again["arms"]) == 6 and not again["failures"]
     assert {a["mode"] for a in again["arms"]} == {"scratch", "finetune", "linear"}
     assert all(sorted(a["test_cases"]) == test for a in again["arms"])
-    assert "| spark (linear) |" in (out / "results.md").read_text()
+    assert "| spark (linear) |" in (out / "results.md").read_text(encoding="utf-8")
 
 
 def test_cls_benchmark_bad_input_is_one_line(cls_data, tmp_path, monkeypatch, capsys):
