@@ -420,7 +420,8 @@ def test_rerun_with_another_setting_or_test_set_is_refused(tmp_path):
 
 
 def test_reports_are_utf8_under_an_ascii_locale(tmp_path):
-    """results.md holds ± and Δ: written as UTF-8 even where the locale's encoding is ASCII (LC_ALL=C, no coercion)."""
+    """results.md holds ± and Δ: written as UTF-8 even where the locale's encoding is ASCII (LC_ALL=C, no
+    coercion)."""
     import os
     import sys
 

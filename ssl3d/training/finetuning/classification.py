@@ -313,8 +313,8 @@ class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, Tra
         patch = self.crop
         ds = self.dataset_class(self.preprocessed_dataset_folder, self.train_keys)
         initial, transforms = self.training_transforms()
-        dl = nnUNetDataLoader(ds, self.batch_size, initial, patch, self.label_manager, oversample_foreground_percent=0.0,
-                              transforms=transforms)
+        dl = nnUNetDataLoader(ds, self.batch_size, initial, patch, self.label_manager,
+                              oversample_foreground_percent=0.0, transforms=transforms)
         seed_everything(derive_seed(self.seed, "cls-data"))
         # single-threaded: crops of a few small volumes; no worker start-up, deterministic given the seed
         return SingleThreadedAugmenter(dl, None), None
