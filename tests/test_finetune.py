@@ -180,6 +180,9 @@ def test_medcontext_trains_with_stock_nnunet(pretrained):
     ckpt = torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert "medcontext" in ckpt["ssl3d"] and ckpt["ssl3d"]["medcontext"]["mask_token"].shape == (1,)
     assert ckpt["current_epoch"] == 1
+    # the lean CPU plans' channels-last weights reach MedContext's network too (it builds its own student)
+    log = next((out / "fold_0").glob("training_log_*.txt")).read_text(encoding="utf-8")
+    assert "network weights: channels_last_3d" in log
 
 
 @pytest.mark.parametrize("method", sorted(method_specs()))

@@ -17,7 +17,11 @@ class TrainerInitMixin:
     * Networks without deep supervision (dna's ``Primus``: one output, no ``deep_supervision`` argument, no
       ``decoder``): nnU-Net's builder would pass the argument and its switch would set ``decoder.deep_supervision``;
       both are skipped for such classes (trainers that build their own networks override these again).
+    * ``channels_last`` (set by the subclass): on CPU the network's weights are stored in ``channels_last_3d``, the
+      layout oneDNN runs 3-D convolutions fastest in (same values, same function; benchmarks/finetune_profile.py).
     """
+
+    channels_last = False
 
     def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -27,6 +31,13 @@ class TrainerInitMixin:
         if self.is_ddp and device.type == "cpu":
             self.device = device
             self.grad_scaler = None
+
+    def _set_memory_format(self, module: nn.Module | None = None) -> None:
+        """Channels-last weights for ``module`` (default: the plain network) when ``channels_last`` is set and the
+        trainer runs on the CPU; in place, so an optimizer that already holds the parameters keeps them."""
+        if self.channels_last and self.device.type == "cpu":
+            (module or unwrap_network(self.network)).to(memory_format=torch.channels_last_3d)
+            self.print_to_log_file("network weights: channels_last_3d")  # type: ignore[attr-defined]
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,

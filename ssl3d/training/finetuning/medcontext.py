@@ -165,6 +165,7 @@ class MedContextTrainer(CheckpointExtrasMixin, SSLFinetuneTrainer):
             self.print_to_log_file("Using torch.compile...")
             net = torch.compile(net)
         self.network = MaskedStudent(net, self.num_input_channels).to(self.device)
+        self._set_memory_format(net)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
             cuda = self.device.type == "cuda"

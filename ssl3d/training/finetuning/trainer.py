@@ -116,14 +116,7 @@ class SSLFinetuneTrainer(AtomicCheckpointMixin, TrainerInitMixin, nnUNetTrainer)
         self._set_torch_threads()
         super().initialize()
         self._install_plot_hook()
-        self._set_memory_format()
-
-    def _set_memory_format(self) -> None:
-        if self.channels_last and self.device.type == "cpu":
-            # in place (the optimizer keeps its parameters); oneDNN then runs every convolution, forward and
-            # backward, in channels-last layout whatever the batch's layout (benchmarks/finetune_profile.py)
-            self._network_module().to(memory_format=torch.channels_last_3d)
-            self.print_to_log_file("network weights: channels_last_3d")
+        self._set_memory_format(self._network_module())
 
     def _set_torch_threads(self) -> None:
         if self.torch_threads is not None and self.device.type == "cpu":
