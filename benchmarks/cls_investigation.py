@@ -6,7 +6,8 @@ writes it) and a pretraining results folder for the downstream architecture:
     python benchmarks/cls_investigation.py --dataset 804 --pretraining <results folder> [--train-iters 200]
 
 Prints one JSON line per check: labels vs shifts, intensity-histogram probe, instance-norm invariance, frozen
-random-encoder probe, best-of-epochs validation AUC on 3 + 3 chance cases, and (``--train-iters`` > 0) a minimal
+random-encoder probe, the same with each case whole in one tile (padding 0 or the case minimum; deepest or all
+stages pooled), best-of-epochs validation AUC on 3 + 3 chance cases, and (``--train-iters`` > 0) a minimal
 training loop with the trainer's model, crops, mirroring and whole-case sliding-window scoring (``--crop Z Y X``:
 another crop / tile shape, e.g. one that holds the whole tiny volume; ``--finetune``: from the pretrained encoder).
 """
@@ -24,10 +25,11 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ssl3d.architectures.encoders import avg_max_pool
 from ssl3d.data.readers import find_raw_dataset
 from ssl3d.evaluation.classification import load_preprocessed
 from ssl3d.training.external import for_downstream, load_pretrained
-from ssl3d.training.finetuning.classification import build_classifier, sliding_window_logits
+from ssl3d.training.finetuning.classification import build_classifier, resolve_crop, sliding_window_logits
 from ssl3d.utils import env_dir
 
 
@@ -80,6 +82,8 @@ def main() -> None:
     emb = {k: sliding_window_logits(net.embed, imgs[k], patch, torch.device("cpu")).numpy() for k in keys}
     out(check="frozen random encoder probe", held_out_auc=_probe([emb[k] for k in train], [y[k] for k in train],
                                                                  [emb[k] for k in test], [y[k] for k in test]))
+    whole = resolve_crop("case", None, arch, patch, [imgs[k].shape[1:] for k in keys])  # holds every case
+    _padding_and_stage_probes(arch, imgs, y, train, test, whole, out)
     s = np.random.default_rng(0).random((20000, 20, 6))
     best = (s[..., 3:, None] > s[..., None, :3]).mean((-1, -2)).max(1)
     out(check="best of 20 epochs, chance network, 3 + 3 validation cases", median_auc=float(np.median(best)),
@@ -87,6 +91,29 @@ def main() -> None:
     if a.train_iters:
         state = for_downstream(load_pretrained(a.pretraining, "0"), 1).encoder_state if a.finetune else None
         _train(arch, tuple(a.crop or patch), imgs, y, train, test, a.train_iters, out, state, a.lr)
+
+
+def _padding_and_stage_probes(arch: dict, imgs: dict, y: dict, train: list, test: list, crop: tuple, out) -> None:
+    """Frozen random encoders (2 seeds), each case centred whole in one ``crop`` tile (the ``--crop case`` tile):
+    logistic regression on the deepest stage's average ‖ maximum against all stages' ones, with the tile padded by 0
+    (nnU-Net's loader; 0 is the dataset mean, soft-tissue-like in CT) or by the value air and fat are clipped to
+    (the case minimum)."""
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = build_classifier(arch, 1, 2, crop).eval()
+        for pad in ("zero", "case minimum"):
+            feats = {}
+            for k in train + test:
+                x = torch.as_tensor(imgs[k])
+                value = 0.0 if pad == "zero" else float(x.min())
+                x = torch.nn.functional.pad(x, [v for s_, c in zip(reversed(x.shape[1:]), reversed(crop))
+                                                for v in ((c - s_) // 2, c - s_ - (c - s_) // 2)], value=value)
+                with torch.no_grad():
+                    feats[k] = [avg_max_pool(f)[0].numpy() for f in net.backbone(x[None])]
+            for stages, pick in (("deepest", lambda f: f[-1]), ("all", np.concatenate)):
+                out(check="frozen random encoder probe, whole case in one tile", seed=seed, padding=pad,
+                    stages=stages, held_out_auc=_probe([pick(feats[k]) for k in train], [y[k] for k in train],
+                                                       [pick(feats[k]) for k in test], [y[k] for k in test]))
 
 
 def _train(arch: dict, patch: tuple, imgs: dict, y: dict, train: list, test: list, iters: int, out,

@@ -161,6 +161,7 @@ def test_finetune_resume_and_linear(cls_env):
     lin = cls_env["root"] / "res" / "Dataset803_SynthCTFattyLiver" / f"ClsLinearProbe__{plans}" / "fold_1_n4"
     summary = _check_outputs(lin, 2)
     assert len(summary["train_cases"]) == 4 and len(list((lin.parent / "embeddings").glob("*/*.npy"))) == 6
+    assert json.loads((lin / "metrics.json").read_text())["mirror_tta"] is False  # embeddings are not mirrored
     r = _cls(cls_env, "--mode", "linear", "--n-train", "6", "-f", "1", "-v")  # embeds only the 2 new cases
     assert r.stderr.count("embedded ") == 2, r.stderr[-2000:]
     assert len(list((lin.parent / "embeddings").glob("*/*.npy"))) == 8
@@ -184,7 +185,8 @@ def test_case_crop_is_the_rounded_largest_case_end_to_end(cls_env):
     stride = np.prod(np.array(plans["architecture"]["arch_kwargs"]["strides"]), 0)
     expected = [int(v) for v in np.ceil(biggest / stride) * stride]
     assert expected != plans["patch_size"] and summary["crop_size"] == expected
-    assert json.loads((out / "metrics.json").read_text())["crop_size"] == expected
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["crop_size"] == expected and metrics["mirror_tta"] is True  # nnU-Net's test-time mirroring
     assert torch.load(out / "checkpoint_final.pth", weights_only=False)["ssl3d"]["crop_size"] == expected
 
 
@@ -322,3 +324,35 @@ def test_nnunet_augmentation_loads_a_larger_crop_returns_the_training_crop_and_i
     assert mirror_crop == tuple(p["crop"]) and not torch.equal(a, m)
     with pytest.raises(BadInputError, match="--augment"):
         prepare(ClsOptions(dataset="803", pretraining=str(cls_env["results"]), mode="scratch", augment="elastic"))
+
+
+def test_mirror_tta_averages_every_mirrored_tile_and_matches_plain_scoring_without_axes():
+    """``mirror_axes``: the result is the mean of ``fn`` over all 2^k mirrorings of each tile (nnU-Net's test-time
+    mirroring); without axes it is the plain sliding window."""
+    import itertools
+
+    from ssl3d.training.finetuning.classification import sliding_window_logits
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1, 8, 8, 8, generator=g)  # position-dependent: mirroring changes the output
+    fn = lambda t: (t * weight).sum((1, 2, 3, 4))[:, None]  # noqa: E731
+    image = torch.randn(1, 8, 8, 8, generator=g).numpy()  # one tile
+    cpu = torch.device("cpu")
+    x = torch.as_tensor(image)[None]
+    plain = sliding_window_logits(fn, image, (8, 8, 8), cpu)
+    assert torch.allclose(plain, fn(x)[0])
+    flips = [list(c) for r in range(4) for c in itertools.combinations((2, 3, 4), r)]
+    expected = torch.stack([fn(torch.flip(x, d) if d else x)[0] for d in flips]).mean(0)
+    tta = sliding_window_logits(fn, image, (8, 8, 8), cpu, mirror_axes=(0, 1, 2))
+    assert torch.allclose(tta, expected, atol=1e-5) and not torch.allclose(tta, plain, atol=1e-3)
+    one_axis = sliding_window_logits(fn, image, (8, 8, 8), cpu, mirror_axes=(2,))
+    assert torch.allclose(one_axis, (fn(x)[0] + fn(torch.flip(x, [4]))[0]) / 2, atol=1e-5)
+
+
+def test_disable_tta_flag_in_both_spellings():
+    from ssl3d.cli.finetune_cls import build_parser
+
+    base = ["-d", "803", "-p", "x"]
+    assert build_parser().parse_args(base).disable_tta is False
+    assert build_parser().parse_args(base + ["--disable_tta"]).disable_tta is True  # nnUNetv2_predict's spelling
+    assert build_parser().parse_args(base + ["--disable-tta"]).disable_tta is True

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=["mirror", "nnunet"], default="mirror",
                    help="training augmentation: mirroring on all axes (default) or nnU-Net's training transforms "
                         "(rotation, scaling, noise, blur, brightness, contrast, low resolution, gamma, mirroring)")
+    p.add_argument("--disable_tta", "--disable-tta", dest="disable_tta", action="store_true",
+                   help="score held-out cases without test-time mirroring (default: logits averaged over the "
+                        "training mirrorings, as nnUNetv2_predict does)")
     p.add_argument("--l2", type=V.nonnegative_float, default=1e-2,
                    help="linear mode: L2 penalty of the logistic regression")
     p.add_argument("--embedding-cache", default=None,
@@ -80,7 +83,7 @@ def _run(a: argparse.Namespace) -> int:
         val_fraction=a.val_fraction, encoder_lr_factor=a.encoder_lr_factor, layer_decay=a.layer_decay,
         class_balanced=a.class_balanced, dropout=a.dropout, l2=a.l2, continue_training=a.c, num_processes=a.np,
         progress=not a.no_progress, embedding_cache=a.embedding_cache, overwrite=a.overwrite, crop=a.crop,
-        crop_size=tuple(a.crop_size) if a.crop_size else None, augment=a.augment))
+        crop_size=tuple(a.crop_size) if a.crop_size else None, augment=a.augment, tta=not a.disable_tta))
     return 0
 
 

@@ -86,6 +86,7 @@ class ClsOptions:
     crop: str = "patch"  # training crop = scoring tile: patch (planned) or case (whole cases, small volumes)
     crop_size: tuple[int, int, int] | None = None  # explicit crop instead (with crop "patch")
     augment: str = "mirror"  # training augmentation: mirror (all axes) or nnunet (nnU-Net's training transforms)
+    tta: bool = True  # held-out scoring averaged over the training mirrorings (nnU-Net's test-time mirroring)
 
 
 def _validation_split(labels: dict[str, int], budget: list[str], fraction: float, seed: int) -> tuple[list, list]:
@@ -188,7 +189,7 @@ def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
     trainer.initial_lr, trainer.seed, trainer.show_progress = opts.lr, opts.seed, opts.progress
     trainer.encoder_lr_factor, trainer.layer_decay = opts.encoder_lr_factor, opts.layer_decay
     trainer.class_balanced, trainer.dropout = opts.class_balanced, opts.dropout
-    trainer.crop_size, trainer.augment = p["crop"], opts.augment
+    trainer.crop_size, trainer.augment, trainer.mirror_tta = p["crop"], opts.augment, opts.tta
     out = Path(trainer.output_folder)
     if not opts.continue_training and not opts.overwrite and (out / "checkpoint_final.pth").is_file():
         raise BadInputError(out / "checkpoint_final.pth", "a finished result is here; pass --c to score it again "
@@ -210,7 +211,7 @@ def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
     best = out / "checkpoint_best.pth"
     if val and best.is_file():  # the selected model is the one scored
         trainer.network.load_state_dict(torch.load(best, map_location=trainer.device, weights_only=False)["network_weights"])
-    logits = torch.as_tensor(trainer.predict_logits(p["test"], opts.progress))
+    logits = torch.as_tensor(trainer.predict_logits(p["test"], opts.progress, tta=trainer.mirror_tta))
     return torch.softmax(logits, 1).numpy(), out, {"train_cases": train, "val_cases": val,
                                                    "epochs_trained": trainer.current_epoch}
 
@@ -265,6 +266,7 @@ def run_classification(opts: ClsOptions) -> dict:
     y = [p["labels"][k] for k in p["test"]]
     metrics = classification_metrics(y, probs, p["names"])
     metrics["crop_size"] = list(p["crop"]) if p["crop"] else None  # training crop = scoring tile (None: linear)
+    metrics["mirror_tta"] = opts.tta and opts.mode != "linear"
     write_predictions(out, p["test"], y, probs, p["names"])
     write_json(out / "metrics.json", metrics)
     save_confusion_png(metrics["confusion_matrix"], p["names"], out / "confusion_matrix.png",

@@ -13,7 +13,8 @@ mirroring -- from a larger loader crop as nnU-Net trains segmentation), the trai
 (cross-entropy, optionally class-balanced, AdamW with per-iteration warm-up + cosine, encoder LR =
 ``encoder_lr_factor`` × LR, optional layer-wise decay ``layer_decay`` ** (depth from the top) over the encoder's
 blocks) and epoch-end validation: every validation case is classified whole by a sliding window
-(:func:`sliding_window_logits`: crop-size tiles, 50 % overlap, logits averaged over tiles; a ``case`` crop,
+(:func:`sliding_window_logits`: crop-size tiles, 50 % overlap, logits averaged over tiles -- and, for the final
+held-out scoring with ``mirror_tta``, over the training mirrorings as nnU-Net predicts; a ``case`` crop,
 :func:`resolve_crop`, holds every case in one tile); its AUC ("mean_fg_dice" in nnU-Net's log and plot) picks
 ``checkpoint_best`` (ties and undefined AUCs: lower validation loss). Without validation cases the epoch's
 training loss decides. Mode ``scratch`` is the same network without pretrained weights. On CPU the network's
@@ -23,6 +24,7 @@ training step 1.1x faster with 1 thread, 1.8x with 2 on the 2-core dev machine).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -190,10 +192,13 @@ class GroupWarmupCosine(WarmupCosine):
 
 @torch.inference_mode()
 def sliding_window_logits(fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray | torch.Tensor,
-                          patch: Sequence[int], device: torch.device, batch: int = 2) -> torch.Tensor:
+                          patch: Sequence[int], device: torch.device, batch: int = 2,
+                          mirror_axes: Sequence[int] = ()) -> torch.Tensor:
     """``fn`` (logits or embeddings of a batch of patches) averaged over 50 %-overlap patch tiles covering the
     whole ``(C, Z, Y, X)`` image; an axis shorter than the patch is zero-padded on both sides, the image centred
-    (as nnU-Net's loader crops such an axis in training and its ``pad_nd_image`` pads at inference)."""
+    (as nnU-Net's loader crops such an axis in training and its ``pad_nd_image`` pads at inference).
+    ``mirror_axes`` (spatial, 0-2): also averaged over every mirrored copy of each tile along any subset of them,
+    as nnU-Net's predictor averages logits over its test-time mirrorings."""
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))
     shape = tuple(x.shape[1:])
     padded = tuple(max(s, p) for s, p in zip(shape, patch))
@@ -201,13 +206,16 @@ def sliding_window_logits(fn: Callable[[torch.Tensor], torch.Tensor], image: np.
                                     for v in ((p - s) // 2, p - s - (p - s) // 2)])
     steps = compute_steps_for_sliding_window(padded, tuple(patch), TILE_STEP)
     starts = [(z, y, xx) for z in steps[0] for y in steps[1] for xx in steps[2]]
+    flips = [[a + 2 for a in combo] for r in range(len(mirror_axes) + 1)
+             for combo in itertools.combinations(sorted(set(mirror_axes)), r)]
     total, count = None, 0
     for i in range(0, len(starts), batch):
         tiles = torch.stack([x[:, z:z + patch[0], y:y + patch[1], xx:xx + patch[2]]
-                             for z, y, xx in starts[i:i + batch]])
-        out = fn(tiles.to(device)).float().cpu()
-        total = out.sum(0) if total is None else total + out.sum(0)
-        count += out.shape[0]
+                             for z, y, xx in starts[i:i + batch]]).to(device)
+        for dims in flips:
+            out = fn(torch.flip(tiles, dims) if dims else tiles).float().cpu()
+            total = out.sum(0) if total is None else total + out.sum(0)
+            count += out.shape[0]
     return total / count
 
 
@@ -225,6 +233,7 @@ class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, Tra
         self.crop_size: tuple[int, int, int] | None = None  # training crop = scoring tile; None: the planned patch
         self.augment = "mirror"  # or "nnunet": nnU-Net's training transforms (AUGMENTS)
         self.channels_last = True  # CPU only: channels_last_3d weights (same values, faster oneDNN convolutions)
+        self.mirror_tta = True  # held-out scoring averages over the training mirrorings (nnU-Net's default TTA)
         self.num_epochs = 50
         self.num_iterations_per_epoch = 50
         self.num_val_iterations_per_epoch = 0  # validation classifies whole cases at epoch end instead
@@ -260,8 +269,7 @@ class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, Tra
         self.network = build_classifier(self.configuration_manager.configuration["architecture"],
                                         self.num_input_channels, len(self.class_names),
                                         self.crop, state, self.dropout).to(self.device)
-        if self.channels_last and self.device.type == "cpu":  # in place, before the optimizer holds the parameters
-            self.network.to(memory_format=torch.channels_last_3d)
+        self._set_memory_format()
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         weights = None
         if self.class_balanced:
@@ -323,14 +331,22 @@ class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, Tra
         data, _, _, _ = self.dataset_class(self.preprocessed_dataset_folder, [key]).load_case(key)
         return np.asarray(data)
 
-    def predict_logits(self, keys: Sequence[str], progress: bool = False) -> np.ndarray:
-        """Whole-case logits ``(N, classes)`` by sliding window, network in eval mode."""
+    def tta_mirror_axes(self) -> tuple[int, ...]:
+        """The axes training mirrors along (nnU-Net's choice for the plan with ``augment="nnunet"``)."""
+        if self.augment == "mirror":
+            return (0, 1, 2)
+        return tuple(self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] or ())
+
+    def predict_logits(self, keys: Sequence[str], progress: bool = False, tta: bool = False) -> np.ndarray:
+        """Whole-case logits ``(N, classes)`` by sliding window, network in eval mode; ``tta``: averaged over the
+        training mirrorings too (the final held-out scoring; epoch-end validation runs without, as nnU-Net's)."""
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         was = self.network.training
         self.network.eval()
         patch = self.crop
-        out = [sliding_window_logits(self.network, self.load_image(k), patch, self.device, self.batch_size)
+        axes = self.tta_mirror_axes() if tta else ()
+        out = [sliding_window_logits(self.network, self.load_image(k), patch, self.device, self.batch_size, axes)
                for k in tqdm(keys, desc="classify", unit="case", disable=not progress, leave=False)]
         self.network.train(was)
         return torch.stack(out).numpy() if out else np.zeros((0, len(self.class_names)), np.float32)
