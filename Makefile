@@ -19,7 +19,7 @@ $(STAMP): setup.py
 
 # test: the suite without its slow tier (< 15 min on 2 cores), in TEST_WORKERS pytest-xdist workers, one test file
 # per worker at a time (a file's fixtures are built once); test-slow: the end-to-end runs of whole CLIs and
-# multi-process (DDP, kill) tests, marked `slow` (about 30 min on 2 cores), one at a time; CI runs both
+# multi-process (DDP, kill) tests, marked `slow` (about 40 min on 2 cores), one at a time; CI runs both
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
