@@ -29,7 +29,8 @@ from ssl3d.architectures.encoders import avg_max_pool
 from ssl3d.data.readers import find_raw_dataset
 from ssl3d.evaluation.classification import load_preprocessed
 from ssl3d.training.external import for_downstream, load_pretrained
-from ssl3d.training.finetuning.classification import build_classifier, resolve_crop, sliding_window_logits
+from ssl3d.training.finetuning.classification import (build_classifier, centred_padding, resolve_crop,
+                                                      sliding_window_logits)
 from ssl3d.utils import env_dir
 
 
@@ -106,8 +107,8 @@ def _padding_and_stage_probes(arch: dict, imgs: dict, y: dict, train: list, test
             for k in train + test:
                 x = torch.as_tensor(imgs[k])
                 value = 0.0 if pad == "zero" else float(x.min())
-                x = torch.nn.functional.pad(x, [v for s_, c in zip(reversed(x.shape[1:]), reversed(crop))
-                                                for v in ((c - s_) // 2, c - s_ - (c - s_) // 2)], value=value)
+                widths = [v for pair in reversed(centred_padding(x.shape[1:], crop)) for v in pair]
+                x = torch.nn.functional.pad(x, widths, value=value)
                 with torch.no_grad():
                     feats[k] = [avg_max_pool(f)[0].numpy() for f in net.backbone(x[None])]
             for stages, pick in (("deepest", lambda f: f[-1]), ("all", np.concatenate)):
@@ -126,8 +127,7 @@ def _train(arch: dict, patch: tuple, imgs: dict, y: dict, train: list, test: lis
 
     def crop(x: np.ndarray) -> np.ndarray:
         # centred like nnU-Net's loader and sliding_window_logits (before 2026-12-01 both padded at the far end)
-        x = np.pad(x, [(0, 0)] + [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2)
-                                  for s, p in zip(x.shape[1:], patch)])
+        x = np.pad(x, [(0, 0)] + centred_padding(x.shape[1:], patch))
         st = [rng.integers(0, s - p + 1) for s, p in zip(x.shape[1:], patch)]
         c = x[:, st[0]:st[0] + patch[0], st[1]:st[1] + patch[1], st[2]:st[2] + patch[2]]
         for ax in range(1, 4):

@@ -189,7 +189,7 @@ def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
     trainer.initial_lr, trainer.seed, trainer.show_progress = opts.lr, opts.seed, opts.progress
     trainer.encoder_lr_factor, trainer.layer_decay = opts.encoder_lr_factor, opts.layer_decay
     trainer.class_balanced, trainer.dropout = opts.class_balanced, opts.dropout
-    trainer.crop_size, trainer.augment, trainer.mirror_tta = p["crop"], opts.augment, opts.tta
+    trainer.crop_size, trainer.augment = p["crop"], opts.augment
     out = Path(trainer.output_folder)
     if not opts.continue_training and not opts.overwrite and (out / "checkpoint_final.pth").is_file():
         raise BadInputError(out / "checkpoint_final.pth", "a finished result is here; pass --c to score it again "
@@ -211,7 +211,7 @@ def _train_network(opts: ClsOptions, p: dict) -> tuple[np.ndarray, Path, dict]:
     best = out / "checkpoint_best.pth"
     if val and best.is_file():  # the selected model is the one scored
         trainer.network.load_state_dict(torch.load(best, map_location=trainer.device, weights_only=False)["network_weights"])
-    logits = torch.as_tensor(trainer.predict_logits(p["test"], opts.progress, tta=trainer.mirror_tta))
+    logits = torch.as_tensor(trainer.predict_logits(p["test"], opts.progress, tta=opts.tta))
     return torch.softmax(logits, 1).numpy(), out, {"train_cases": train, "val_cases": val,
                                                    "epochs_trained": trainer.current_epoch}
 

@@ -14,7 +14,7 @@ mirroring -- from a larger loader crop as nnU-Net trains segmentation), the trai
 ``encoder_lr_factor`` × LR, optional layer-wise decay ``layer_decay`` ** (depth from the top) over the encoder's
 blocks) and epoch-end validation: every validation case is classified whole by a sliding window
 (:func:`sliding_window_logits`: crop-size tiles, 50 % overlap, logits averaged over tiles -- and, for the final
-held-out scoring with ``mirror_tta``, over the training mirrorings as nnU-Net predicts; a ``case`` crop,
+held-out scoring (``predict_logits(tta=True)``), over the training mirrorings as nnU-Net predicts; a ``case`` crop,
 :func:`resolve_crop`, holds every case in one tile); its AUC ("mean_fg_dice" in nnU-Net's log and plot) picks
 ``checkpoint_best`` (ties and undefined AUCs: lower validation loss). Without validation cases the epoch's
 training loss decides. Mode ``scratch`` is the same network without pretrained weights. On CPU the network's
@@ -190,6 +190,12 @@ class GroupWarmupCosine(WarmupCosine):
         return lr
 
 
+def centred_padding(shape: Sequence[int], size: Sequence[int]) -> list[tuple[int, int]]:
+    """Per axis (before, after) padding that centres ``shape`` in ``size`` (no padding where it is already larger),
+    as nnU-Net's loader places a case smaller than the patch."""
+    return [((p - s) // 2, p - s - (p - s) // 2) if p > s else (0, 0) for s, p in zip(shape, size)]
+
+
 @torch.inference_mode()
 def sliding_window_logits(fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray | torch.Tensor,
                           patch: Sequence[int], device: torch.device, batch: int = 2,
@@ -202,8 +208,7 @@ def sliding_window_logits(fn: Callable[[torch.Tensor], torch.Tensor], image: np.
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))
     shape = tuple(x.shape[1:])
     padded = tuple(max(s, p) for s, p in zip(shape, patch))
-    x = torch.nn.functional.pad(x, [v for s, p in zip(reversed(shape), reversed(padded))
-                                    for v in ((p - s) // 2, p - s - (p - s) // 2)])
+    x = torch.nn.functional.pad(x, [v for pair in reversed(centred_padding(shape, patch)) for v in pair])
     steps = compute_steps_for_sliding_window(padded, tuple(patch), TILE_STEP)
     starts = [(z, y, xx) for z in steps[0] for y in steps[1] for xx in steps[2]]
     flips = [[a + 2 for a in combo] for r in range(len(mirror_axes) + 1)
@@ -233,7 +238,6 @@ class SSLClassificationTrainer(StepwiseScheduleMixin, CheckpointExtrasMixin, Tra
         self.crop_size: tuple[int, int, int] | None = None  # training crop = scoring tile; None: the planned patch
         self.augment = "mirror"  # or "nnunet": nnU-Net's training transforms (AUGMENTS)
         self.channels_last = True  # CPU only: channels_last_3d weights (same values, faster oneDNN convolutions)
-        self.mirror_tta = True  # held-out scoring averages over the training mirrorings (nnU-Net's default TTA)
         self.num_epochs = 50
         self.num_iterations_per_epoch = 50
         self.num_val_iterations_per_epoch = 0  # validation classifies whole cases at epoch end instead
