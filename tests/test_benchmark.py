@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
-from ssl3d.evaluation.protocol import Arm, HeldOutSplit, plan_arms, split_test, training_cases
+from ssl3d.evaluation.protocol import PRESETS, Arm, HeldOutSplit, plan_arms, split_test, training_cases
+from ssl3d.evaluation.runner import pretrain_command
 from ssl3d.evaluation.stats import paired_difference, summarize
 from ssl3d.utils import BadInputError
 
@@ -92,6 +93,14 @@ def test_frozen_arms_and_a_fixed_number_of_test_cases(tmp_path):
     assert sorted(split_test(ds, None, 1 / 3, 2, n_test=12).test_labels) == sorted(split.test_labels)
     with pytest.raises(BadInputError, match="12 test cases"):
         split_test(ds, None, 1 / 3, 4, n_test=12)
+
+
+def test_small_preset_pretrains_at_a_short_schedule_lr_and_paper_at_the_methods_default():
+    small = pretrain_command("Dataset801_X", "spark", "cpu", PRESETS["small"])
+    assert small[small.index("--lr") + 1] == "0.001" and small[small.index("--iters") + 1] == "10"
+    assert "--lr" not in pretrain_command("Dataset801_X", "spark", "cuda", PRESETS["paper"])
+    override = {**PRESETS["paper"], "pretrain_lr": 3e-4}
+    assert pretrain_command("Dataset801_X", "mae", "cuda", override)[-2:] == ["--lr", "0.0003"]
 
 
 def test_few_shot_subsets_are_nested_and_seed_matched():

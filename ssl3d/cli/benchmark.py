@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("preset overrides")
     for key, kind in (("pretrain_epochs", V.positive_int), ("pretrain_iters", V.positive_int),
                       ("ft_epochs", V.positive_int), ("ft_iters", V.positive_int), ("ft_lr", V.positive_float),
-                      ("encoder_lr_factor", V.nonnegative_float)):
+                      ("pretrain_lr", V.positive_float), ("encoder_lr_factor", V.nonnegative_float)):
         g.add_argument("--" + key.replace("_", "-"), type=kind, default=None, dest=key)
     g.add_argument("--l2", type=V.nonnegative_float, default=None, help="cls, linear probe: L2 penalty of the logistic regression")
     g.add_argument("--size", default=None, help="architecture preset of the methods (tiny, planned/S, ...)")
@@ -121,7 +121,8 @@ def _run(args: argparse.Namespace) -> int:
         raise BadInputError(None, "--test-cases and --test-fraction exclude each other")
     if args.seeds is not None and args.seeds < 1:
         raise BadInputError(None, "--seeds must be at least 1")
-    overrides = {k: getattr(args, k) for k in ("pretrain_epochs", "pretrain_iters", "ft_epochs", "ft_iters", "ft_lr",
+    overrides = {k: getattr(args, k) for k in ("pretrain_epochs", "pretrain_iters", "pretrain_lr", "ft_epochs",
+                                               "ft_iters", "ft_lr",
                                                "encoder_lr_factor", "size", "patch_size", "warmup",
                                                "optimizer", "l2", "arms", "test_cases", "crop")}
     cfg = BenchmarkConfig(pool=args.u, labeled=args.l, methods=list(args.m), output=Path(args.o),

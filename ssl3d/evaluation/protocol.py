@@ -24,11 +24,17 @@ PRESETS: dict[str, dict] = {
     # schedule at 10/20/.../100 %: .118 .161 .174 .192 .255 .279 .277 .296 .295 .295 (docs/small_preset/
     # convergence.md); the former 35 x 10 stopped on the steep part. That was the 7-case data set: on the current
     # demo data (8 trainable cases) one scratch seed still rose from 50 % to 100 % (.200 -> .304, docs/small_n1).
+    # pretrain_lr (AdamW peak; None: the method's default): small 1e-3 (the registry's cap, the small fine-tuning
+    # LR) because its 1000 pretraining steps are ~1/250 of a real schedule. At the methods' long-schedule defaults
+    # (1e-4 for SparK) Adam moves a weight by at most ~1e-4 per step, and 1000 steps left the SparK encoder's norm
+    # weights within 1-2 % of 1 and its conv weight s.d. at a fresh initialisation's (docs/small_n1/run.md).
     "small": {"size": "tiny", "patch_size": None, "pretrain_epochs": 100, "pretrain_iters": 10, "pretrain_batch": 2,
+              "pretrain_lr": 1e-3,
               "ft_epochs": 100, "ft_iters": 10, "ft_val_iters": 1, "ft_batch": 2, "tta": False, "ft_lr": 1e-3,
               "encoder_lr_factor": 1.0, "warmup": "linear", "optimizer": "adamw", "arms": ["finetune", "frozen"],
               "test_cases": 12, "ft_checkpoints_at": [0.25, 0.5]},
     "paper": {"size": None, "patch_size": None, "pretrain_epochs": 1000, "pretrain_iters": 250, "pretrain_batch": None,
+              "pretrain_lr": None,
               "ft_epochs": 1000, "ft_iters": 250, "ft_val_iters": 50, "ft_batch": 2, "tta": True, "ft_lr": None,
               "encoder_lr_factor": 1.0, "warmup": "linear", "optimizer": "auto", "arms": ["finetune"],
               "test_cases": None, "ft_checkpoints_at": [0.25, 0.5]},
@@ -37,7 +43,7 @@ PRESETS: dict[str, dict] = {
 # (convergence curve and iterations to 90 % of scratch's final Dice, ssl3d/evaluation/convergence.py)
 
 # the keys of a preset that pretraining reads (shared by both tasks)
-PRETRAIN_KEYS = ("size", "patch_size", "pretrain_epochs", "pretrain_iters", "pretrain_batch")
+PRETRAIN_KEYS = ("size", "patch_size", "pretrain_epochs", "pretrain_iters", "pretrain_batch", "pretrain_lr")
 # classification fine-tuning (``--task cls``), merged over the pretraining keys of the preset of the same name.
 # small: what solved the easy fatty-liver variant (dataset 804, its own 160 / 40 split; docs/
 # classification_investigation.md section 7): every case whole in the crop, AdamW 3e-3, 18 x 100 iterations (scratch

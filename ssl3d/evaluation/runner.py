@@ -166,13 +166,7 @@ class Benchmark:
         res_root = self.out / "pretraining" / "nnUNet_results"
         trainer = get_method_spec(method).trainer_name
         folder = res_root / self.pool_dir.name / f"{trainer}__ssl3dPlans__3d_fullres"
-        s = self.s
-        cmd = ["ssl_pretrain", "-d", self.pool_dir.name, "-m", method, "-device", self.cfg.device,
-               "--epochs", str(s["pretrain_epochs"]), "--iters", str(s["pretrain_iters"]), "--val-iters", "2",
-               "--no-progress", "--preview-every", "0", "--save-every", "5"]
-        cmd += ["--size", s["size"]] if s["size"] else []
-        cmd += ["--batch-size", str(s["pretrain_batch"])] if s["pretrain_batch"] else []
-        cmd += ["--patch-size", *map(str, s["patch_size"])] if s["patch_size"] else []
+        cmd = pretrain_command(self.pool_dir.name, method, self.cfg.device, self.s)
         if any((folder / "fold_0").glob("checkpoint_*.pth")):
             cmd.append("--c")  # killed earlier: continue (or report the finished run), never overwrite it
         log = self.out / "pretraining" / f"{method}.log"
@@ -410,6 +404,18 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     if cfg.task not in ("seg", "cls"):
         raise BadInputError(None, f"unknown task '{cfg.task}' (seg, cls)")
     return (ClsBenchmark if cfg.task == "cls" else Benchmark)(cfg).run()
+
+
+def pretrain_command(pool: str, method: str, device: str, s: dict) -> list[str]:
+    """The ``ssl_pretrain`` call of one method under setting ``s`` (a preset with its overrides)."""
+    cmd = ["ssl_pretrain", "-d", pool, "-m", method, "-device", device, "--epochs", str(s["pretrain_epochs"]),
+           "--iters", str(s["pretrain_iters"]), "--val-iters", "2", "--no-progress", "--preview-every", "0",
+           "--save-every", "5"]
+    cmd += ["--size", s["size"]] if s["size"] else []
+    cmd += ["--batch-size", str(s["pretrain_batch"])] if s["pretrain_batch"] else []
+    cmd += ["--lr", str(s["pretrain_lr"])] if s.get("pretrain_lr") else []
+    cmd += ["--patch-size", *map(str, s["patch_size"])] if s["patch_size"] else []
+    return cmd
 
 
 def refuse_mixed_rerun(out: Path, **now) -> None:
