@@ -443,3 +443,35 @@ def test_reports_are_utf8_under_an_ascii_locale(tmp_path):
     assert r.returncode == 0, r.stderr[-1500:]
     assert (tmp_path / "r.md").read_bytes().decode("utf-8") == "0.2 ± 0.1, Δ"
     assert json.loads((tmp_path / "r.json").read_bytes().decode("utf-8")) == {"Δ": "±"}
+
+
+def test_merging_runs_reports_their_union_and_refuses_mismatched_runs(tmp_path, capsys):
+    """benchmarks/merge_benchmark_runs.py: scratch from one run, spark from another gives ssl_benchmark's paired
+    difference; runs on other test cases, of another setting, or with one arm scored twice differently are refused."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from merge_benchmark_runs import main
+
+    cases = [{"case": f"organs_{i:04d}", "dice": {}, "nsd": {}, "hd95": {}} for i in range(3)]
+
+    def run(name, records, setting, test=cases):
+        p = tmp_path / name / "results.json"
+        p.parent.mkdir()
+        p.write_text(json.dumps({"arms": [{**r, "cases": test} for r in records], "setting": setting,
+                                 "n_trainable": 8, "n_test": 3, "pretraining": {"spark": {"wall_s": 1.0}}}))
+        return str(p)
+
+    base = {"ft_epochs": 3, "ft_iters": 2, "ft_batch": 2}
+    old, new = {**base, "pretrain_lr": None}, {**base, "pretrain_lr": 1e-3}
+    a = run("a", [_record("scratch", "finetune", 1, s, d, 0.5, 9.0) for s, d in enumerate((0.6, 0.5, 0.7))], old)
+    b = run("b", [_record("spark", "finetune", 1, s, d, 0.5, 9.0) for s, d in enumerate((0.8, 0.75, 0.85))], new)
+    assert main([a, b, "-o", str(tmp_path / "m"), "--allow-setting", "pretrain_lr"]) == 0
+    md = (tmp_path / "m" / "results.md").read_text(encoding="utf-8")
+    assert "| Δ spark − scratch | +0.200 (±0.124) |" in md
+    assert json.loads((tmp_path / "m" / "results.json").read_text())["setting"]["pretrain_lr"] == 1e-3
+    assert main([a, b, "-o", str(tmp_path / "m2")]) == 2 and "pretrain_lr" in capsys.readouterr().err
+    other = run("c", [_record("spark", "finetune", 1, 0, 0.8, 0.5, 9.0)], new, test=cases[:2])
+    assert main([a, other, "-o", str(tmp_path / "m3"), "--allow-setting", "pretrain_lr"]) == 2
+    assert "different test cases" in capsys.readouterr().err
+    twice = run("d", [_record("spark", "finetune", 1, 0, 0.1, 0.5, 9.0)], new)
+    assert main([b, twice, "-o", str(tmp_path / "m4")]) == 2 and "two runs" in capsys.readouterr().err
+    assert not (tmp_path / "m3").exists() and not (tmp_path / "m4").exists()

@@ -1,0 +1,84 @@
+"""One report from the finished arms of several ``ssl_benchmark`` (segmentation) runs on the same data.
+
+A run that is too long for one sitting can be split over output folders (say, the 1-case arms in one session and
+the all-case arms in another, or a scratch baseline reused from an earlier run). This writes ``results.md``,
+``results.json``, ``label_efficiency.png`` and ``convergence.png`` for their union with the benchmark's own report
+code (``ssl3d.evaluation.report.write_reports``), so the paired differences and intervals are computed exactly as
+``ssl_benchmark`` computes them. Refused, in one line: runs scored on different test cases, an arm id finished in
+two runs with different results, runs of different presets except for the keys named in ``--allow-setting``
+(which the caller must justify; e.g. ``pretrain_lr``, which no scratch arm depends on).
+
+    .venv/bin/python benchmarks/merge_benchmark_runs.py -o docs/small_benchmark run_a/results.json run_b/results.json \
+        [--only 'scratch*n1*' 'spark*'] [--allow-setting pretrain_lr]
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+from pathlib import Path
+
+from ssl3d.evaluation.report import write_reports
+
+
+def load_runs(paths: list[Path], only: list[str] | None) -> list[tuple[Path, dict, list[dict]]]:
+    runs = []
+    for p in paths:
+        r = json.loads(p.read_text(encoding="utf-8"))
+        arms = [a for a in r["arms"] if not only or any(fnmatch.fnmatch(a["id"], pat) for pat in only)]
+        runs.append((p, r, arms))
+    return runs
+
+
+def merge(runs: list[tuple[Path, dict, list[dict]]], allow_setting: set[str]) -> tuple[list[dict], dict, dict]:
+    """The union of the runs' arms, the last run's setting and pretraining infos (refusals raise ValueError)."""
+    tests = {p: sorted({c["case"] for a in arms for c in a["cases"]}) for p, _, arms in runs if arms}
+    if len({tuple(t) for t in tests.values()}) > 1:
+        raise ValueError(f"the runs were scored on different test cases: {', '.join(map(str, tests))}")
+    setting = runs[-1][1]["setting"]
+    for p, r, _ in runs:
+        differ = sorted(k for k in set(r["setting"]) | set(setting)
+                        if k != "arms" and r["setting"].get(k) != setting.get(k) and k not in allow_setting)
+        if differ:
+            raise ValueError(f"{p}: another setting ({', '.join(differ)}); pass --allow-setting only for keys its "
+                             f"arms do not depend on")
+    by_id: dict[str, dict] = {}
+    for p, _, arms in runs:
+        for a in arms:
+            if a["id"] in by_id and by_id[a["id"]]["mean_dice"] != a["mean_dice"]:
+                raise ValueError(f"{p}: arm {a['id']} is in two runs with different results")
+            by_id[a["id"]] = a
+    pretraining = {}  # of the runs whose pretrained arms were kept (a scratch-only run's pretraining is not used)
+    for _, r, arms in runs:
+        used = {a["method"] for a in arms}
+        pretraining.update({m: info for m, info in r.get("pretraining", {}).items() if m in used})
+    return list(by_id.values()), setting, pretraining
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="results.json of finished ssl_benchmark runs")
+    ap.add_argument("-o", required=True, type=Path, help="folder for the merged report")
+    ap.add_argument("--only", nargs="*", default=None, help="arm id patterns to keep (fnmatch), from every run")
+    ap.add_argument("--allow-setting", nargs="*", default=[], help="preset keys that may differ between runs")
+    a = ap.parse_args(argv)
+    for p in a.runs:
+        if not p.is_file():
+            print(f"merge_benchmark_runs: {p}: no such results.json", file=sys.stderr)
+            return 2
+    try:
+        results, setting, pretraining = merge(load_runs(a.runs, a.only), set(a.allow_setting))
+    except ValueError as e:
+        print(f"merge_benchmark_runs: {e}", file=sys.stderr)
+        return 2
+    first = json.loads(a.runs[-1].read_text(encoding="utf-8"))
+    methods = sorted({r["base"] for r in results})
+    a.o.mkdir(parents=True, exist_ok=True)
+    write_reports(a.o, results, [], pretraining, methods, first["n_trainable"], first["n_test"], setting)
+    print(f"{len(results)} arms -> {a.o / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
