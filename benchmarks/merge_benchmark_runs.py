@@ -8,7 +8,7 @@ code (``ssl3d.evaluation.report.write_reports``), so the paired differences and 
 two runs with different results, runs of different presets except for the keys named in ``--allow-setting``
 (which the caller must justify; e.g. ``pretrain_lr``, which no scratch arm depends on).
 
-    .venv/bin/python benchmarks/merge_benchmark_runs.py -o docs/small_benchmark run_a/results.json run_b/results.json \
+    .venv/bin/python benchmarks/merge_benchmark_runs.py -o docs/small_benchmark run_a/results.json run_b/ \
         [--only 'scratch*n1*' 'spark*'] [--allow-setting pretrain_lr]
 """
 from __future__ import annotations
@@ -22,10 +22,23 @@ from pathlib import Path
 from ssl3d.evaluation.report import write_reports
 
 
+def read_run(path: Path) -> dict:
+    """A ``results.json``, or a benchmark ``-o`` folder: its finished arms (``arms/*/result.json``, also those of a
+    run still going or killed before it wrote ``results.json``), setting and case counts from ``protocol.json``,
+    pretraining infos from ``pretraining/*.json``."""
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    protocol = json.loads((path / "protocol.json").read_text(encoding="utf-8"))
+    arms = [json.loads(f.read_text(encoding="utf-8")) for f in sorted(path.glob("arms/*/result.json"))]
+    pretraining = {f.stem: json.loads(f.read_text(encoding="utf-8")) for f in sorted(path.glob("pretraining/*.json"))}
+    return {"arms": arms, "setting": protocol["setting"], "pretraining": pretraining,
+            "n_trainable": protocol["split"]["trainable"], "n_test": protocol["split"]["test"]}
+
+
 def load_runs(paths: list[Path], only: list[str] | None) -> list[tuple[Path, dict, list[dict]]]:
     runs = []
     for p in paths:
-        r = json.loads(p.read_text(encoding="utf-8"))
+        r = read_run(p)
         arms = [a for a in r["arms"] if not only or any(fnmatch.fnmatch(a["id"], pat) for pat in only)]
         runs.append((p, r, arms))
     return runs
@@ -58,24 +71,26 @@ def merge(runs: list[tuple[Path, dict, list[dict]]], allow_setting: set[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path, help="results.json of finished ssl_benchmark runs")
+    ap.add_argument("runs", nargs="+", type=Path, help="ssl_benchmark results.json files or -o folders")
     ap.add_argument("-o", required=True, type=Path, help="folder for the merged report")
     ap.add_argument("--only", nargs="*", default=None, help="arm id patterns to keep (fnmatch), from every run")
     ap.add_argument("--allow-setting", nargs="*", default=[], help="preset keys that may differ between runs")
     a = ap.parse_args(argv)
     for p in a.runs:
-        if not p.is_file():
-            print(f"merge_benchmark_runs: {p}: no such results.json", file=sys.stderr)
+        if not (p.is_file() or (p / "protocol.json").is_file()):
+            print(f"merge_benchmark_runs: {p}: neither a results.json nor an ssl_benchmark output folder",
+                  file=sys.stderr)
             return 2
     try:
-        results, setting, pretraining = merge(load_runs(a.runs, a.only), set(a.allow_setting))
+        runs = load_runs(a.runs, a.only)
+        results, setting, pretraining = merge(runs, set(a.allow_setting))
     except ValueError as e:
         print(f"merge_benchmark_runs: {e}", file=sys.stderr)
         return 2
-    first = json.loads(a.runs[-1].read_text(encoding="utf-8"))
+    last = runs[-1][1]
     methods = sorted({r["base"] for r in results})
     a.o.mkdir(parents=True, exist_ok=True)
-    write_reports(a.o, results, [], pretraining, methods, first["n_trainable"], first["n_test"], setting)
+    write_reports(a.o, results, [], pretraining, methods, last["n_trainable"], last["n_test"], setting)
     print(f"{len(results)} arms -> {a.o / 'results.md'}")
     return 0
 

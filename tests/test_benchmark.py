@@ -475,3 +475,11 @@ def test_merging_runs_reports_their_union_and_refuses_mismatched_runs(tmp_path, 
     twice = run("d", [_record("spark", "finetune", 1, 0, 0.1, 0.5, 9.0)], new)
     assert main([b, twice, "-o", str(tmp_path / "m4")]) == 2 and "two runs" in capsys.readouterr().err
     assert not (tmp_path / "m3").exists() and not (tmp_path / "m4").exists()
+    # an output folder whose run has not written results.json yet: its finished arms and protocol.json
+    folder = tmp_path / "running"
+    for r in json.loads(Path(b).read_text())["arms"]:
+        (folder / "arms" / r["id"]).mkdir(parents=True)
+        (folder / "arms" / r["id"] / "result.json").write_text(json.dumps(r))
+    (folder / "protocol.json").write_text(json.dumps({"setting": new, "split": {"trainable": 8, "test": 3}}))
+    assert main([a, str(folder), "-o", str(tmp_path / "m5"), "--allow-setting", "pretrain_lr"]) == 0
+    assert "| Δ spark − scratch | +0.200 (±0.124) |" in (tmp_path / "m5" / "results.md").read_text(encoding="utf-8")
