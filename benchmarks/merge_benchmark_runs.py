@@ -8,8 +8,8 @@ code (``ssl3d.evaluation.report.write_reports``), so the paired differences and 
 two runs with different results, runs of different presets except for the keys named in ``--allow-setting``
 (which the caller must justify; e.g. ``pretrain_lr``, which no scratch arm depends on).
 
-    .venv/bin/python benchmarks/merge_benchmark_runs.py -o docs/small_benchmark run_a/results.json run_b/ \
-        [--only 'scratch*n1*' 'spark*'] [--allow-setting pretrain_lr]
+    .venv/bin/python benchmarks/merge_benchmark_runs.py -o docs/small_benchmark 'run_a/results.json::scratch*' \
+        run_b/ [--allow-setting pretrain_lr]
 """
 from __future__ import annotations
 
@@ -35,9 +35,16 @@ def read_run(path: Path) -> dict:
             "n_trainable": protocol["split"]["trainable"], "n_test": protocol["split"]["test"]}
 
 
-def load_runs(paths: list[Path], only: list[str] | None) -> list[tuple[Path, dict, list[dict]]]:
+def split_run_arg(arg: str) -> tuple[Path, list[str]]:
+    """``PATH`` or ``PATH::PATTERN,PATTERN``: the arm ids (fnmatch) to keep from that run (default: all)."""
+    path, _, patterns = arg.partition("::")
+    return Path(path), [p for p in patterns.split(",") if p]
+
+
+def load_runs(args: list[str]) -> list[tuple[Path, dict, list[dict]]]:
     runs = []
-    for p in paths:
+    for arg in args:
+        p, only = split_run_arg(arg)
         r = read_run(p)
         arms = [a for a in r["arms"] if not only or any(fnmatch.fnmatch(a["id"], pat) for pat in only)]
         runs.append((p, r, arms))
@@ -71,18 +78,18 @@ def merge(runs: list[tuple[Path, dict, list[dict]]], allow_setting: set[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path, help="ssl_benchmark results.json files or -o folders")
+    ap.add_argument("runs", nargs="+", help="ssl_benchmark results.json files or -o folders, each optionally "
+                                            "followed by ::PATTERN,... (fnmatch) to keep only those arm ids")
     ap.add_argument("-o", required=True, type=Path, help="folder for the merged report")
-    ap.add_argument("--only", nargs="*", default=None, help="arm id patterns to keep (fnmatch), from every run")
     ap.add_argument("--allow-setting", nargs="*", default=[], help="preset keys that may differ between runs")
     a = ap.parse_args(argv)
-    for p in a.runs:
+    for p in (split_run_arg(r)[0] for r in a.runs):
         if not (p.is_file() or (p / "protocol.json").is_file()):
             print(f"merge_benchmark_runs: {p}: neither a results.json nor an ssl_benchmark output folder",
                   file=sys.stderr)
             return 2
     try:
-        runs = load_runs(a.runs, a.only)
+        runs = load_runs(a.runs)
         results, setting, pretraining = merge(runs, set(a.allow_setting))
     except ValueError as e:
         print(f"merge_benchmark_runs: {e}", file=sys.stderr)

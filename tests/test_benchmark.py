@@ -464,11 +464,13 @@ def test_merging_runs_reports_their_union_and_refuses_mismatched_runs(tmp_path, 
     old, new = {**base, "pretrain_lr": None}, {**base, "pretrain_lr": 1e-3}
     a = run("a", [_record("scratch", "finetune", 1, s, d, 0.5, 9.0) for s, d in enumerate((0.6, 0.5, 0.7))], old)
     b = run("b", [_record("spark", "finetune", 1, s, d, 0.5, 9.0) for s, d in enumerate((0.8, 0.75, 0.85))], new)
-    assert main([a, b, "-o", str(tmp_path / "m"), "--allow-setting", "pretrain_lr"]) == 0
+    assert main([a + "::scratch*,x*", b, "-o", str(tmp_path / "m"), "--allow-setting", "pretrain_lr"]) == 0
     md = (tmp_path / "m" / "results.md").read_text(encoding="utf-8")
     assert "| Δ spark − scratch | +0.200 (±0.124) |" in md
     assert json.loads((tmp_path / "m" / "results.json").read_text())["setting"]["pretrain_lr"] == 1e-3
     assert main([a, b, "-o", str(tmp_path / "m2")]) == 2 and "pretrain_lr" in capsys.readouterr().err
+    assert main([a + "::spark*", b, "-o", str(tmp_path / "m1"), "--allow-setting", "pretrain_lr"]) == 0
+    assert "| scratch |" not in (tmp_path / "m1" / "results.md").read_text(encoding="utf-8"), "filtered out"
     other = run("c", [_record("spark", "finetune", 1, 0, 0.8, 0.5, 9.0)], new, test=cases[:2])
     assert main([a, other, "-o", str(tmp_path / "m3"), "--allow-setting", "pretrain_lr"]) == 2
     assert "different test cases" in capsys.readouterr().err
