@@ -31,8 +31,9 @@ def read_run(path: Path) -> dict:
     protocol = json.loads((path / "protocol.json").read_text(encoding="utf-8"))
     arms = [json.loads(f.read_text(encoding="utf-8")) for f in sorted(path.glob("arms/*/result.json"))]
     pretraining = {f.stem: json.loads(f.read_text(encoding="utf-8")) for f in sorted(path.glob("pretraining/*.json"))}
+    split = protocol["split"]  # case id lists
     return {"arms": arms, "setting": protocol["setting"], "pretraining": pretraining,
-            "n_trainable": protocol["split"]["trainable"], "n_test": protocol["split"]["test"]}
+            "n_trainable": len(split["trainable"]), "n_test": len(split["test"])}
 
 
 def split_run_arg(arg: str) -> tuple[Path, list[str]]:

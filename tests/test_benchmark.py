@@ -482,6 +482,8 @@ def test_merging_runs_reports_their_union_and_refuses_mismatched_runs(tmp_path, 
     for r in json.loads(Path(b).read_text())["arms"]:
         (folder / "arms" / r["id"]).mkdir(parents=True)
         (folder / "arms" / r["id"] / "result.json").write_text(json.dumps(r))
-    (folder / "protocol.json").write_text(json.dumps({"setting": new, "split": {"trainable": 8, "test": 3}}))
+    (folder / "protocol.json").write_text(json.dumps({"setting": new, "split": {"trainable": [f"t{i}" for i in range(8)],
+                                                                    "test": [c["case"] for c in cases]}}))
     assert main([a, str(folder), "-o", str(tmp_path / "m5"), "--allow-setting", "pretrain_lr"]) == 0
-    assert "| Δ spark − scratch | +0.200 (±0.124) |" in (tmp_path / "m5" / "results.md").read_text(encoding="utf-8")
+    merged = (tmp_path / "m5" / "results.md").read_text(encoding="utf-8")
+    assert "| Δ spark − scratch | +0.200 (±0.124) |" in merged and "Scores on 3 held-out test case(s)" in merged
