@@ -22,8 +22,8 @@ ssl_plan_and_preprocess -d 801 -np "$NP" --verify --spacing 5 3.5 3.5
 
 echo
 # A reduced small benchmark that fits a coffee break on 2 cores: whole-network fine-tuning only, 2 seeds, 35 x 10
-# fine-tuning iterations. The full small preset (frozen arms too, 3 seeds, 100 x 10 iterations, where scratch has
-# plateaued) is 36 arms of ~10 min each on 2 cores: DEMO_FULL=1 runs it.
+# fine-tuning iterations. The full small preset (frozen arms too, 3 seeds, 300 x 10 iterations, past the knee of
+# scratch's curve) is 36 arms of ~15-20 min each on 2 cores: DEMO_FULL=1 runs it.
 if [ "${DEMO_FULL:-0}" = 1 ]; then REDUCED=(); else REDUCED=(--arms finetune --seeds 2 --ft-epochs 35); fi
 echo "== 3/3 ssl_benchmark: SparK vs scratch, 1 / 2 / all labeled cases, 12 held-out test cases ${REDUCED[*]:-(full small preset)}"
 ssl_benchmark -u 801 -l 802 -m spark --scratch --n-train 1 2 all --preset small -device cpu "${REDUCED[@]}" \

@@ -20,17 +20,17 @@ SCRATCH = "scratch"
 # small: fits 2 CPU cores (tiny networks, short schedules); paper: the real-size setting for a GPU
 PRESETS: dict[str, dict] = {
     # small: AdamW 1e-3 because nnU-Net's SGD (0.01) barely starts learning a tiny network in a few hundred steps.
-    # ft_epochs 100 x 10: scratch with all 7 labeled cases has plateaued. Held-out Dice (12 test cases) of this
-    # schedule at 10/20/.../100 %: .118 .161 .174 .192 .255 .279 .277 .296 .295 .295 (docs/small_preset/
-    # convergence.md); the former 35 x 10 stopped on the steep part. That was the 7-case data set: on the current
-    # demo data (8 trainable cases) one scratch seed still rose from 50 % to 100 % (.200 -> .304, docs/small_n1).
+    # ft_epochs 300 x 10: on the current demo data (8 trainable cases) scratch with all of them was on the steep
+    # part at 1000 iterations: held-out Dice (12 test cases, seed 0) .177 / .200 / .303 at 250 / 500 / 1000, and
+    # .307 / .526 / .596 at 750 / 1500 / 3000 in a 3000-iteration run (docs/small_benchmark/run.md); 3000 is past
+    # the knee, not a flat plateau. (100 x 10 had plateaued on the earlier 7-case data, docs/small_preset/.)
     # pretrain_lr (AdamW peak; None: the method's default): small 1e-3 (the registry's cap, the small fine-tuning
     # LR) because its 1000 pretraining steps are ~1/250 of a real schedule. At the methods' long-schedule defaults
     # (1e-4 for SparK) Adam moves a weight by at most ~1e-4 per step, and 1000 steps left the SparK encoder's norm
     # weights within 1-2 % of 1 and its conv weight s.d. at a fresh initialisation's (docs/small_n1/run.md).
     "small": {"size": "tiny", "patch_size": None, "pretrain_epochs": 100, "pretrain_iters": 10, "pretrain_batch": 2,
               "pretrain_lr": 1e-3,
-              "ft_epochs": 100, "ft_iters": 10, "ft_val_iters": 1, "ft_batch": 2, "tta": False, "ft_lr": 1e-3,
+              "ft_epochs": 300, "ft_iters": 10, "ft_val_iters": 1, "ft_batch": 2, "tta": False, "ft_lr": 1e-3,
               "encoder_lr_factor": 1.0, "warmup": "linear", "optimizer": "adamw", "arms": ["finetune", "frozen"],
               "test_cases": 12, "ft_checkpoints_at": [0.25, 0.5]},
     "paper": {"size": None, "patch_size": None, "pretrain_epochs": 1000, "pretrain_iters": 250, "pretrain_batch": None,
