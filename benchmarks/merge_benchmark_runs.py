@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from ssl3d.evaluation.protocol import setting_changes
 from ssl3d.evaluation.report import write_reports
 
 
@@ -59,10 +60,9 @@ def merge(runs: list[tuple[Path, dict, list[dict]]], allow_setting: set[str]) ->
         raise ValueError(f"the runs were scored on different test cases: {', '.join(map(str, tests))}")
     setting = runs[-1][1]["setting"]
     for p, r, _ in runs:
-        differ = sorted(k for k in set(r["setting"]) | set(setting)
-                        if k != "arms" and r["setting"].get(k) != setting.get(k) and k not in allow_setting)
+        differ = setting_changes(r["setting"], setting, ignore=allow_setting)
         if differ:
-            raise ValueError(f"{p}: another setting ({', '.join(differ)}); pass --allow-setting only for keys its "
+            raise ValueError(f"{p}: another setting ({'; '.join(differ)}); pass --allow-setting only for keys its "
                              f"arms do not depend on")
     by_id: dict[str, dict] = {}
     for p, _, arms in runs:

@@ -445,10 +445,10 @@ def test_reports_are_utf8_under_an_ascii_locale(tmp_path):
     assert json.loads((tmp_path / "r.json").read_bytes().decode("utf-8")) == {"Δ": "±"}
 
 
-def test_merging_runs_reports_their_union_and_refuses_mismatched_runs(tmp_path, capsys):
+def test_merging_runs_reports_their_union_and_refuses_mismatched_runs(tmp_path, capsys, monkeypatch):
     """benchmarks/merge_benchmark_runs.py: scratch from one run, spark from another gives ssl_benchmark's paired
     difference; runs on other test cases, of another setting, or with one arm scored twice differently are refused."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from merge_benchmark_runs import main
 
     cases = [{"case": f"organs_{i:04d}", "dice": {}, "nsd": {}, "hd95": {}} for i in range(3)]

@@ -122,9 +122,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise BadInputError(None, "--seeds must be at least 1")
     overrides = {k: getattr(args, k) for k in ("pretrain_epochs", "pretrain_iters", "pretrain_lr", "ft_epochs",
-                                               "ft_iters", "ft_lr",
-                                               "encoder_lr_factor", "size", "patch_size", "warmup",
-                                               "optimizer", "l2", "arms", "test_cases", "crop")}
+                                               "ft_iters", "ft_lr", "encoder_lr_factor", "size", "patch_size",
+                                               "warmup", "optimizer", "l2", "arms", "test_cases", "crop")}
     cfg = BenchmarkConfig(pool=args.u, labeled=args.l, methods=list(args.m), output=Path(args.o),
                           scratch=args.scratch, n_train=list(args.n_train or ["1", "2", "all"]),
                           seeds=args.seeds or (5 if args.task == "cls" else 3), preset=args.preset,

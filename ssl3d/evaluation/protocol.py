@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -84,6 +84,14 @@ class Arm:
     @property
     def scratch(self) -> bool:
         return self.method == SCRATCH
+
+
+def setting_changes(old: dict, new: dict, ignore: Iterable[str] = ()) -> list[str]:
+    """``"key old -> new"`` for every preset key whose value differs between two settings (JSON-comparable values).
+    "arms" never counts: it only picks which arms run (finetune / frozen), like --n-train and --seeds."""
+    skip = {"arms", *ignore}
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted((set(old) | set(new)) - skip)
+            if old.get(k) != new.get(k)]
 
 
 def downstream_of(method: str) -> str | None:

@@ -26,7 +26,7 @@ from ssl3d.data.labeled import (check_cases, check_encoder_channels, check_image
 from ssl3d.data.readers import discover_inputs, find_raw_dataset
 from ssl3d.evaluation.convergence import score_curve
 from ssl3d.evaluation.protocol import (CLS_PRESETS, PRESETS, PRETRAIN_KEYS, Arm, ClsArm, HeldOutSplit, arm_record,
-                                       plan_arms, plan_cls_arms, split_test, training_cases)
+                                       plan_arms, plan_cls_arms, setting_changes, split_test, training_cases)
 from ssl3d.evaluation.report import write_cls_reports, write_reports
 from ssl3d.evaluation.seg_metrics import nsd_tolerances, score_folder
 from ssl3d.inference.nnunet_bridge import nnunet_dataset_name, run_nnunet
@@ -413,7 +413,7 @@ def pretrain_command(pool: str, method: str, device: str, s: dict) -> list[str]:
            "--save-every", "5"]
     cmd += ["--size", s["size"]] if s["size"] else []
     cmd += ["--batch-size", str(s["pretrain_batch"])] if s["pretrain_batch"] else []
-    cmd += ["--lr", str(s["pretrain_lr"])] if s.get("pretrain_lr") else []
+    cmd += ["--lr", str(s["pretrain_lr"])] if s["pretrain_lr"] else []
     cmd += ["--patch-size", *map(str, s["patch_size"])] if s["patch_size"] else []
     return cmd
 
@@ -428,9 +428,8 @@ def refuse_mixed_rerun(out: Path, **now) -> None:
     changed = []
     for key, value in now.items():
         old, new = before.get(key) or {}, json.loads(json.dumps(value))  # tuples as the JSON file holds them
-        if key == "setting":  # "arms" only picks which arms run (finetune / frozen), like --n-train and --seeds
-            changed += [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted((set(old) | set(new)) - {"arms"})
-                        if old.get(k) != new.get(k)]
+        if key == "setting":
+            changed += setting_changes(old, new)
         elif (({k: old.get(k) for k in new} if isinstance(new, dict) else old) != new):  # case ids, not paths
             changed.append(f"the {key} cases")
     if changed:
