@@ -77,6 +77,22 @@ def merge(runs: list[tuple[Path, dict, list[dict]]], allow_setting: set[str]) ->
     return list(by_id.values()), setting, pretraining
 
 
+def pretraining_notes(runs: list[tuple[Path, dict, list[dict]]]) -> list[str]:
+    """One line per method whose kept arms come from more than one pretraining (the report shows the last one's)."""
+    seen: dict[str, list[tuple[Path, dict]]] = {}
+    for p, r, arms in runs:
+        used = {a["method"] for a in arms}
+        for m, info in r.get("pretraining", {}).items():
+            if m in used and all(info != i for _, i in seen.get(m, [])):
+                seen.setdefault(m, []).append((p, info))
+    notes = []
+    for m, v in seen.items():
+        if len(v) > 1:
+            each = ", ".join(f"{p}: val loss {i.get('final_val_loss')}" for p, i in v)
+            notes.append(f"note: the {m} arms come from {len(v)} pretrainings ({each}); the report shows the last")
+    return notes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="ssl_benchmark results.json files or -o folders, each optionally "
@@ -95,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"merge_benchmark_runs: {e}", file=sys.stderr)
         return 2
+    for line in pretraining_notes(runs):
+        print(f"merge_benchmark_runs: {line}", file=sys.stderr)
     last = runs[-1][1]
     methods = sorted({r["base"] for r in results})
     a.o.mkdir(parents=True, exist_ok=True)

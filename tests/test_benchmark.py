@@ -453,11 +453,12 @@ def test_merging_runs_reports_their_union_and_refuses_mismatched_runs(tmp_path, 
 
     cases = [{"case": f"organs_{i:04d}", "dice": {}, "nsd": {}, "hd95": {}} for i in range(3)]
 
-    def run(name, records, setting, test=cases):
+    def run(name, records, setting, test=cases, val_loss=0.3):
         p = tmp_path / name / "results.json"
         p.parent.mkdir()
         p.write_text(json.dumps({"arms": [{**r, "cases": test} for r in records], "setting": setting,
-                                 "n_trainable": 8, "n_test": 3, "pretraining": {"spark": {"wall_s": 1.0}}}))
+                                 "n_trainable": 8, "n_test": 3,
+                                 "pretraining": {"spark": {"wall_s": 1.0, "final_val_loss": val_loss}}}))
         return str(p)
 
     base = {"ft_epochs": 3, "ft_iters": 2, "ft_batch": 2}
@@ -487,3 +488,10 @@ def test_merging_runs_reports_their_union_and_refuses_mismatched_runs(tmp_path, 
     assert main([a, str(folder), "-o", str(tmp_path / "m5"), "--allow-setting", "pretrain_lr"]) == 0
     merged = (tmp_path / "m5" / "results.md").read_text(encoding="utf-8")
     assert "| Δ spark − scratch | +0.200 (±0.124) |" in merged and "Scores on 3 held-out test case(s)" in merged
+    # spark arms of two different pretrainings are merged, and the user is told which pretraining the report shows
+    capsys.readouterr()
+    n2 = run("e", [_record("spark", "finetune", 2, 0, 0.8, 0.5, 9.0)], new, val_loss=0.4)
+    assert main([b, n2, "-o", str(tmp_path / "m6")]) == 0
+    err = capsys.readouterr().err
+    assert "spark arms come from 2 pretrainings" in err and "val loss 0.3" in err and "val loss 0.4" in err
+    assert main([b, b, "-o", str(tmp_path / "m7")]) == 0 and "pretrainings" not in capsys.readouterr().err
