@@ -70,26 +70,31 @@ def merge(runs: list[tuple[Path, dict, list[dict]]], allow_setting: set[str]) ->
             if a["id"] in by_id and by_id[a["id"]]["mean_dice"] != a["mean_dice"]:
                 raise ValueError(f"{p}: arm {a['id']} is in two runs with different results")
             by_id[a["id"]] = a
-    pretraining = {}  # of the runs whose pretrained arms were kept (a scratch-only run's pretraining is not used)
-    for _, r, arms in runs:
-        used = {a["method"] for a in arms}
-        pretraining.update({m: info for m, info in r.get("pretraining", {}).items() if m in used})
+    pretraining = {m: infos[-1][1] for m, infos in kept_pretrainings(runs).items()}
     return list(by_id.values()), setting, pretraining
+
+
+def kept_pretrainings(runs: list[tuple[Path, dict, list[dict]]]) -> dict[str, list[tuple[Path, dict]]]:
+    """Per method, in run order, the pretraining infos of the runs whose pretrained arms were kept (a scratch-only
+    run's pretraining is not used)."""
+    kept: dict[str, list[tuple[Path, dict]]] = {}
+    for p, r, arms in runs:
+        used = {a["method"] for a in arms}
+        for m, info in r.get("pretraining", {}).items():
+            if m in used:
+                kept.setdefault(m, []).append((p, info))
+    return kept
 
 
 def pretraining_notes(runs: list[tuple[Path, dict, list[dict]]]) -> list[str]:
     """One line per method whose kept arms come from more than one pretraining (the report shows the last one's)."""
-    seen: dict[str, list[tuple[Path, dict]]] = {}
-    for p, r, arms in runs:
-        used = {a["method"] for a in arms}
-        for m, info in r.get("pretraining", {}).items():
-            if m in used and all(info != i for _, i in seen.get(m, [])):
-                seen.setdefault(m, []).append((p, info))
     notes = []
-    for m, v in seen.items():
-        if len(v) > 1:
-            each = ", ".join(f"{p}: val loss {i.get('final_val_loss')}" for p, i in v)
-            notes.append(f"note: the {m} arms come from {len(v)} pretrainings ({each}); the report shows the last")
+    for m, infos in kept_pretrainings(runs).items():
+        distinct = [(p, i) for k, (p, i) in enumerate(infos) if all(i != j for _, j in infos[:k])]
+        if len(distinct) > 1:
+            each = ", ".join(f"{p}: val loss {i.get('final_val_loss')}" for p, i in distinct)
+            notes.append(f"note: the {m} arms come from {len(distinct)} pretrainings ({each}); "
+                         f"the report shows the last")
     return notes
 
 
